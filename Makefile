@@ -1,0 +1,35 @@
+# `make demo` and `make test` each create .venv/ if it is missing and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP    := $(VENV)/.test-installed
+
+.PHONY: demo test test-tf test-jax bench clean-demo
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+
+$(RUNTIME_STAMP): requirements.txt | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+$(TEST_STAMP): requirements.txt requirements-test.txt | $(VENV)/bin/python
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	touch $(RUNTIME_STAMP) $@
+
+# Everything on TensorFlow (the default backend), then the backend-agnostic tests again on JAX.
+test: $(TEST_STAMP)
+	$(PY) -m pytest -q -rs tests
+	KERAS_BACKEND=jax $(PY) -m pytest -q -rs -m multibackend tests
+
+DEMO_DIR := demo_output
+demo: $(RUNTIME_STAMP)
+	bash datasets/demo.sh $(DEMO_DIR)
+
+bench: $(TEST_STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Models Genesis demo on data the repository makes itself (run by `make demo`).
+#
+#   bash datasets/demo.sh [OUTDIR]      (default OUTDIR: demo_output)
+#
+# Step 1 writes synthetic LUNA16-style chest CT volumes to OUTDIR/luna16 (kept if present),
+# step 2 cuts 64x64x32 training cubes from folds 0 (training) and 1 (validation) into
+# OUTDIR/generated_cubes. Later steps (pre-training, fine-tuning) follow below.
+# PY selects the interpreter (default: the project's .venv).
+set -euo pipefail
+
+OUT=${1:-demo_output}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PY:-.venv/bin/python}
+
+LUNA="$OUT/luna16"
+CUBES="$OUT/generated_cubes"
+
+echo "== Step 1: synthetic LUNA16-style volumes -> $LUNA"
+if [ -d "$LUNA" ]; then
+    echo "   present, kept (delete $LUNA to make them again)"
+else
+    "$PY" datasets/make_demo_volumes.py --out "$LUNA" --subsets 0 1 --per-subset 2 --seed 0
+fi
+
+echo "== Step 2: cube extraction, folds 0 and 1 -> $CUBES"
+for fold in 0 1; do
+    "$PY" infinite_generator_3D.py --fold "$fold" --scale 32 --data "$LUNA" --save "$CUBES" --no-progress
+done

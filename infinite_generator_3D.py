@@ -1,0 +1,731 @@
+#!/usr/bin/env python
+"""Cut Models Genesis training cubes out of CT volumes (SPEC.md section 1).
+
+For one LUNA16 fold (``{data}/subset{fold}/``) this reads every CT volume in sorted order,
+draws up to ``--scale`` random 64x64x32 windows from each with Python's ``random`` (seeded once
+with ``--seed``), keeps those that pass the original's air test (lung windows: little tissue),
+and saves all cubes of the fold, stacked to ``(N, rows, cols, deps)`` with values in [0, 1], as
+``{save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy``.
+
+The cubes are exactly those of the original algorithm (same random draws in the same order);
+the original's per-voxel Python air test is replaced by array operations that reach the same
+decision, and only each drawn window is normalised, so one scan takes about a second instead
+of 30 to 45 s.
+
+Importable sampler::
+
+    from infinite_generator_3D import setup_config, infinite_generator_from_one_volume
+    config = setup_config(scale=32)
+    cubes = infinite_generator_from_one_volume(config, hu_xyz, random.Random(1))
+
+This module needs NumPy and SimpleITK only (scikit-image when the crop size differs from the
+input size, tqdm for the progress bar); it never imports Keras.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+# File suffixes read as one volume each; folders are read as DICOM series. ".raw" (the data of a
+# ".mhd") and anything else is ignored.
+VOLUME_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd")
+
+EXAMPLE = """\
+example (one fold):
+  python infinite_generator_3D.py --fold 0 --scale 32 --data datasets/luna16 --save generated_cubes
+
+example (all ten LUNA16 folds):
+  for fold in 0 1 2 3 4 5 6 7 8 9; do
+    python infinite_generator_3D.py --fold $fold --scale 32 --data /path/to/LUNA16 --save generated_cubes
+  done
+
+Writes {save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy, e.g. generated_cubes/bat_32_s_64x64x32_0.npy:
+float32 (N, rows, cols, deps), values in [0, 1] (HU clipped to [-1000, 1000], then scaled).
+Exit status: 0 when a cube file was written, 1 when nothing usable was found, 2 for bad flags.
+"""
+
+
+class setup_config:
+    """Settings of the cube extraction, with the original's names (SPEC.md section 1).
+
+    Args:
+        input_rows, input_cols, input_deps: size of a saved cube.
+        crop_rows, crop_cols: size of the window cut from the volume before it is resized to
+            ``input_rows x input_cols`` (no resize when equal).
+        len_border: voxels kept away from the x and y edges.
+        len_border_z: slices kept away from the z ends.
+        scale: cubes wanted per volume; at most ``50 * scale`` windows are tried.
+        DATA_DIR: the LUNA16 root holding ``subset0`` .. ``subset9`` (informative only).
+        train_fold, valid_fold, test_fold: fold lists of the original config (informative only).
+        len_depth: slices looked ahead by the air test (at least 2).
+        lung_min: kept for compatibility; unused, as in the original.
+        lung_max: reject a window whose tissue score exceeds this fraction of its voxels.
+
+    Attributes ``hu_min = -1000.0``, ``hu_max = 1000.0`` and ``HU_thred``, the normalised value
+    of -150 HU (0.425), complete the original's constants.
+    """
+
+    hu_min = -1000.0
+    hu_max = 1000.0
+
+    def __init__(
+        self,
+        input_rows: int = 64,
+        input_cols: int = 64,
+        input_deps: int = 32,
+        crop_rows: int = 64,
+        crop_cols: int = 64,
+        len_border: int = 100,
+        len_border_z: int = 30,
+        scale: int = 32,
+        DATA_DIR: str | None = None,
+        train_fold: Sequence[int] = (0, 1, 2, 3, 4),
+        valid_fold: Sequence[int] = (5, 6),
+        test_fold: Sequence[int] = (7, 8, 9),
+        len_depth: int = 3,
+        lung_min: float = 0.7,
+        lung_max: float = 0.15,
+    ) -> None:
+        self.input_rows = input_rows
+        self.input_cols = input_cols
+        self.input_deps = input_deps
+        self.crop_rows = crop_rows
+        self.crop_cols = crop_cols
+        self.len_border = len_border
+        self.len_border_z = len_border_z
+        self.scale = scale
+        self.DATA_DIR = DATA_DIR
+        self.train_fold = list(train_fold)
+        self.valid_fold = list(valid_fold)
+        self.test_fold = list(test_fold)
+        self.len_depth = len_depth
+        self.lung_min = lung_min
+        self.lung_max = lung_max
+        # Computed exactly as the original does, so the float matches bit for bit.
+        self.HU_thred = (-150.0 - self.hu_min) / (self.hu_max - self.hu_min)
+
+    def display(self) -> None:
+        """Print every setting, one per line."""
+        print("\nConfigurations:")
+        for name in sorted(dir(self)):
+            value = getattr(self, name)
+            if not name.startswith("__") and not callable(value):
+                print(f"{name:30} {value}")
+        print("\n")
+
+
+def size_problem(config: setup_config, shape: Sequence[int]) -> str | None:
+    """Say why a volume of this (x, y, z) shape gives no cube, or None if it can give cubes.
+
+    Args:
+        config: the extraction settings.
+        shape: the volume's size in (x, y, z) order.
+
+    Returns:
+        A sentence naming the size needed and the size received, or None.
+    """
+    if len(shape) != 3:
+        return f"Expected a 3-D volume. Received: shape={tuple(shape)}"
+    x, y, z = (int(s) for s in shape)
+    need_z = config.input_deps + config.len_depth + 1 + 2 * config.len_border_z
+    if z < need_z:
+        # The original's "too few slices" case: the volume silently gives nothing.
+        return (
+            f"too few slices: expected z >= {need_z} (input_deps {config.input_deps} + len_depth "
+            f"{config.len_depth} + 1 + 2 * len_border_z {config.len_border_z}). Received: z={z}"
+        )
+    need_x = 2 * config.len_border + config.crop_rows + 1
+    need_y = 2 * config.len_border + config.crop_cols + 1
+    if x < need_x or y < need_y:
+        # The original crashed here (randint on an empty range); we skip the volume.
+        return (
+            f"too small for the borders: expected x >= {need_x} and y >= {need_y} "
+            f"(2 * len_border {config.len_border} + crop + 1). Received: x={x}, y={y}"
+        )
+    return None
+
+
+def normalise_hu(window: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
+    """Clip HU values to [hu_min, hu_max] and scale to [0, 1] in float64 (SPEC 1 step 3).
+
+    Elementwise, so normalising a window gives the same bits as normalising the whole volume
+    and then cutting the window.
+
+    Args:
+        window: raw HU values, any real dtype.
+        hu_min, hu_max: the clipping range.
+
+    Returns:
+        A new float64 array of the same shape.
+    """
+    out = np.asarray(window).astype(np.float64)
+    np.clip(out, hu_min, hu_max, out=out)
+    out -= hu_min
+    out /= hu_max - hu_min
+    return out
+
+
+def tissue_score_sum(window: np.ndarray, HU_thred: float, input_deps: int, len_depth: int) -> Fraction:
+    """Exact sum of the air test's per-voxel tissue scores (SPEC 1 step 5), with array operations.
+
+    A voxel's score is ``1 - k / (len_depth - 1)`` where ``k`` is the first of the next
+    ``len_depth`` slices (itself included) at or above ``HU_thred``, or ``len_depth - 1``.
+    Since ``(len_depth - 1) * score = number of j in [0, len_depth - 1) with a hit at an
+    offset <= j``, the sum is a count of cumulative hits, divided by ``len_depth - 1``.
+
+    Args:
+        window: normalised window, shape ``(rows, cols, >= input_deps + len_depth - 1)``.
+        HU_thred: the tissue threshold in normalised units.
+        input_deps: number of voxel planes scored.
+        len_depth: slices looked ahead (at least 2).
+
+    Returns:
+        The sum as an exact fraction.
+    """
+    if len_depth < 2:
+        raise ValueError(f"Expected len_depth >= 2 (the score divides by len_depth - 1). Received: len_depth={len_depth}")
+    hits = window >= HU_thred
+    seen = hits[:, :, :input_deps].copy()
+    total = int(np.count_nonzero(seen))
+    for offset in range(1, len_depth - 1):
+        seen |= hits[:, :, offset:offset + input_deps]
+        total += int(np.count_nonzero(seen))
+    return Fraction(total, len_depth - 1)
+
+
+def air_test_limit(config: setup_config) -> float:
+    """The air test's limit, computed as the original does (left to right, in float)."""
+    return config.lung_max * config.input_rows * config.input_cols * config.input_deps
+
+
+def infinite_generator_from_one_volume(
+    config: setup_config, img_array: np.ndarray, rng: random.Random | None = None
+) -> np.ndarray | None:
+    """Draw up to ``config.scale`` cubes from one CT volume, exactly as the original (SPEC 1 steps 2-6).
+
+    Args:
+        config: the extraction settings (see ``setup_config``).
+        img_array: raw HU values in (x, y, z) order (a transposed view is fine).
+        rng: the generator to draw from; None uses the global ``random`` module. Its state
+            afterwards is what the original algorithm leaves.
+
+    Returns:
+        float64 cubes of shape ``(n, input_rows, input_cols, input_deps)``, values in [0, 1],
+        ``1 <= n <= scale``; or None when the volume gives nothing (too few slices, too small
+        for the borders, or every window rejected). A volume too small draws no numbers.
+    """
+    if np.ndim(img_array) != 3:
+        raise ValueError(f"Expected a 3-D array in (x, y, z) order. Received: img_array.shape={np.shape(img_array)}")
+    if config.len_depth < 2:
+        raise ValueError(f"Expected config.len_depth >= 2. Received: len_depth={config.len_depth}")
+    if size_problem(config, img_array.shape) is not None:
+        return None
+    randint = (random if rng is None else rng).randint
+    size_x, size_y, size_z = img_array.shape
+    rows, cols, deps, depth = config.input_rows, config.input_cols, config.input_deps, config.len_depth
+    crop_rows, crop_cols = config.crop_rows, config.crop_cols
+    border, border_z = config.len_border, config.len_border_z
+    x_high = size_x - crop_rows - 1 - border
+    y_high = size_y - crop_cols - 1 - border
+    z_high = size_z - deps - depth - 1 - border_z
+    hu_min, hu_max = float(config.hu_min), float(config.hu_max)
+    # Reject when score_sum > limit; score_sum = count / (depth - 1) with an integer count, so
+    # compare the count with floor(limit * (depth - 1)) computed exactly from the float limit.
+    max_count = math.floor(Fraction(air_test_limit(config)) * (depth - 1))
+    need_resize = (crop_rows, crop_cols) != (rows, cols)
+    if need_resize:
+        from skimage.transform import resize  # only here: a slow import most runs never need
+
+    cubes: list[np.ndarray] = []
+    attempts = 0
+    while len(cubes) < config.scale:
+        attempts += 1
+        if attempts > 50 * config.scale:
+            break
+        sx = randint(border, x_high)
+        sy = randint(border, y_high)
+        sz = randint(border_z, z_high)
+        window = normalise_hu(img_array[sx:sx + crop_rows, sy:sy + crop_cols, sz:sz + deps + depth], hu_min, hu_max)
+        if need_resize:
+            window = resize(window, (rows, cols, deps + depth), preserve_range=True)
+        if tissue_score_sum(window, config.HU_thred, deps, depth) * (depth - 1) > max_count:
+            continue
+        cubes.append(window[:, :, :deps])
+    if not cubes:
+        return None
+    return np.stack(cubes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading volumes
+
+
+class VolumeError(Exception):
+    """A volume that cannot be used; the message says why."""
+
+
+def list_volumes(fold_dir: str) -> list[str]:
+    """The volumes of one fold folder, in sorted name order.
+
+    Files ending in .mhd, .mha, .nii, .nii.gz or .nrrd (any case) are volumes; so is every
+    sub-folder (read as a DICOM series). Hidden entries and other files (.raw data) are ignored.
+
+    Args:
+        fold_dir: e.g. ``datasets/luna16/subset0``.
+
+    Returns:
+        Paths, sorted by name.
+    """
+    found = []
+    for name in sorted(os.listdir(fold_dir)):
+        if name.startswith("."):
+            continue
+        path = os.path.join(fold_dir, name)
+        if os.path.isdir(path) or name.lower().endswith(VOLUME_SUFFIXES):
+            found.append(path)
+    return found
+
+
+def _nifti_expected_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file holds before compression (vox_offset + voxel data), or None."""
+    import struct
+
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            vox_offset = struct.unpack(order + "f", header[108:112])[0]
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            vox_offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        ndim = dims[0]
+        if not 1 <= ndim <= 7 or bitpix <= 0:
+            return None
+        count = 1
+        for d in dims[1:ndim + 1]:
+            count *= max(int(d), 1)
+        return int(vox_offset) + count * bitpix // 8
+    return None
+
+
+def _check_nifti_complete(path: str) -> None:
+    """Raise VolumeError when a NIfTI file is shorter than its header says.
+
+    ITK reads a truncated .nii or .nii.gz without complaint and fills the rest with zeros. For
+    .nii.gz the gzip trailer's size field is checked first (cheap); only when it disagrees is
+    the stream decompressed to count its bytes.
+    """
+    import gzip
+    import zlib
+
+    lower = path.lower()
+    if lower.endswith(".nii"):
+        with open(path, "rb") as f:
+            expected = _nifti_expected_size(f.read(540))
+        actual = os.path.getsize(path)
+    elif lower.endswith(".nii.gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                expected = _nifti_expected_size(f.read(540))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise VolumeError(f"cannot read: not a valid gzip file ({exc})") from None
+        if expected is None:
+            return
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            trailer_size = int.from_bytes(f.read(4), "little")
+        if trailer_size == expected % 2**32:
+            return
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    actual += len(chunk)
+        except (OSError, EOFError, zlib.error):
+            pass  # a truncated stream: actual counts what could be decompressed
+    else:
+        return
+    if expected is not None and actual < expected:
+        raise VolumeError(f"truncated: the header needs {expected} bytes of image data, the file holds {actual}")
+
+
+def _mhd_hint(path: str) -> str:
+    """For a .mhd whose data file is missing or short, a phrase saying so; else ''."""
+    try:
+        with open(path, "r", errors="replace") as f:
+            fields = dict(line.split("=", 1) for line in f if "=" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        data_name = fields.get("ElementDataFile", "")
+        if data_name in ("", "LOCAL", "LIST") or data_name.startswith("LIST"):
+            return ""
+        data_path = os.path.join(os.path.dirname(path), data_name)
+        if not os.path.exists(data_path):
+            return f"data file {data_name} not found"
+        sizes = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                 "MET_UINT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+        if fields.get("CompressedData", "False").lower() != "true" and fields.get("ElementType") in sizes:
+            expected = math.prod(int(s) for s in fields["DimSize"].split()) * sizes[fields["ElementType"]]
+            actual = os.path.getsize(data_path)
+            if actual < expected:
+                return f"data file {data_name} holds {actual} bytes, expected {expected} (truncated?)"
+    except (OSError, ValueError, KeyError):
+        pass
+    return ""
+
+
+def _itk_reason(exc: BaseException) -> str:
+    """The informative lines of a SimpleITK exception, on one line."""
+    lines = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if not line or line.startswith("Exception thrown in SimpleITK"):
+            continue
+        if ": " in line and ("ITK ERROR" in line or "sitk::ERROR" in line):
+            line = line.split("): ", 1)[-1] if "): " in line else line.split(": ", 1)[-1]
+        lines.append(line)
+    return "; ".join(lines[:3]) or type(exc).__name__
+
+
+def read_volume(path: str) -> np.ndarray:
+    """Read one CT volume (a file, or a folder holding one DICOM series) as raw values in (x, y, z) order.
+
+    Args:
+        path: a .mhd/.mha/.nii/.nii.gz/.nrrd file or a DICOM series folder.
+
+    Returns:
+        The voxel array, a transposed view of SimpleITK's (z, y, x) array.
+
+    Raises:
+        VolumeError: the file cannot be read, is truncated, is not a 3-D scalar volume, or has
+            NaN or infinite voxels. The message says which.
+    """
+    import SimpleITK as sitk
+
+    try:
+        if os.path.isdir(path):
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(path)
+            if not series:
+                raise VolumeError("no DICOM series found in this folder")
+            # Several series in one folder: the first is read (the others are named in the reason).
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, series[0]))
+            image = reader.Execute()
+        else:
+            _check_nifti_complete(path)
+            image = sitk.ReadImage(path)
+    except RuntimeError as exc:
+        hint = _mhd_hint(path) if path.lower().endswith(".mhd") else ""
+        raise VolumeError(f"cannot read: {hint or _itk_reason(exc)}") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components")
+    if image.GetDimension() != 3:
+        raise VolumeError(f"Expected a 3-D volume. Received: {image.GetDimension()}-D image of size {image.GetSize()}")
+    array = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(array.dtype, np.integer):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise VolumeError(f"Expected finite HU values. Received: {bad} NaN or infinite voxels")
+    return array.transpose(2, 1, 0)
+
+
+def _read_or_reason(path: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+        return read_volume(path), None
+    except VolumeError as exc:
+        return None, str(exc)
+    except (OSError, MemoryError, ValueError) as exc:
+        return None, f"cannot read: {exc}"
+
+
+def iter_volumes(paths: Sequence[str], workers: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """Yield ``(path, array or None, reason or None)`` for each path, in order.
+
+    With ``workers > 0``, that many threads read the next volumes while the caller samples the
+    current one (SimpleITK releases the GIL while reading); the order never changes.
+    """
+    if workers <= 0:
+        for path in paths:
+            yield (path, *_read_or_reason(path))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-volume")
+    try:
+        todo = iter(paths)
+        pending: deque = deque()
+        for path in todo:
+            pending.append((path, pool.submit(_read_or_reason, path)))
+            if len(pending) >= workers:
+                break
+        while pending:
+            path, future = pending.popleft()
+            result = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_read_or_reason, nxt)))
+            yield (path, *result)
+            del result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One fold
+
+
+@dataclass
+class VolumeReport:
+    """What one volume gave: the number of cubes and, when fewer than wanted, why."""
+
+    path: str
+    cubes: int
+    reason: str | None = None
+
+
+@dataclass
+class FoldResult:
+    """The cubes of one fold and a report per volume."""
+
+    cubes: list[np.ndarray] = field(default_factory=list)
+    volumes: list[VolumeReport] = field(default_factory=list)
+
+    @property
+    def n_cubes(self) -> int:
+        return sum(len(c) for c in self.cubes)
+
+
+def extract_fold(
+    paths: Sequence[str],
+    config: setup_config,
+    rng: random.Random,
+    dtype: Any = np.float32,
+    workers: int = 2,
+    progress: bool = True,
+    warn: Any = None,
+) -> FoldResult:
+    """Sample the cubes of every volume in ``paths``, in that order, from one generator.
+
+    Args:
+        paths: volume files or DICOM folders.
+        config: the extraction settings.
+        rng: the seeded generator, shared by all volumes in order.
+        dtype: dtype of the kept cubes (sampling is in float64; the cast happens per volume).
+        workers: threads reading ahead (0: read in this thread).
+        progress: show a tqdm progress bar over the volumes.
+        warn: callable taking a message, for volumes skipped with a problem (default: stderr).
+
+    Returns:
+        A FoldResult with the cubes (one array per volume that gave any) and a report per volume.
+    """
+    result = FoldResult()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(paths), unit="volume", file=sys.stderr, dynamic_ncols=True)
+    if warn is None:
+        warn = (lambda m: bar.write(m, file=sys.stderr)) if bar is not None else (lambda m: print(m, file=sys.stderr))
+    try:
+        for path, array, reason in iter_volumes(paths, workers):
+            if array is None:
+                warn(f"warning: skipping {path}: {reason}")
+                result.volumes.append(VolumeReport(path, 0, reason))
+            else:
+                reason = size_problem(config, array.shape)
+                if reason is not None and reason.startswith("too small"):
+                    warn(f"warning: skipping {path}: {reason}")
+                cubes = None if reason else infinite_generator_from_one_volume(config, array, rng)
+                del array
+                if reason is None and cubes is None:
+                    reason = f"gave no cube: all {50 * config.scale} windows failed the air test (too little lung)"
+                elif cubes is not None and len(cubes) < config.scale:
+                    reason = f"gave {len(cubes)} of {config.scale} cubes: {50 * config.scale} windows tried"
+                if cubes is not None:
+                    result.cubes.append(cubes.astype(dtype, copy=False))
+                result.volumes.append(VolumeReport(path, 0 if cubes is None else len(cubes), reason))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(cubes=result.n_cubes)
+    finally:
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def save_cubes_atomically(cubes: Sequence[np.ndarray], path: str, dtype: Any) -> tuple[int, ...]:
+    """Write the cube arrays, concatenated on axis 0, as one .npy file, atomically.
+
+    The data go to a temporary file in the same folder, renamed over ``path`` only when complete;
+    on any error or Ctrl-C the temporary file is removed.
+
+    Args:
+        cubes: arrays of shape ``(n_i, R, C, D)``.
+        path: the final ``.npy`` path.
+        dtype: the stored dtype.
+
+    Returns:
+        The saved shape.
+    """
+    import tempfile
+
+    total = sum(len(c) for c in cubes)
+    shape = (total,) + tuple(cubes[0].shape[1:])
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        start = 0
+        for c in cubes:
+            out[start:start + len(c)] = c
+            start += len(c)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return shape
+
+
+def output_path(save: str, scale: int, rows: int, cols: int, deps: int, fold: int) -> str:
+    """``{save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy`` (the name the trainer reads)."""
+    return os.path.join(save, f"bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected a positive integer. Received: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"Expected a positive integer. Received: {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected an integer >= 0. Received: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"Expected an integer >= 0. Received: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags: the original's, plus --seed, --workers and --dtype."""
+    parser = argparse.ArgumentParser(
+        prog="infinite_generator_3D.py",
+        description="Cut Models Genesis training cubes out of the CT volumes of one LUNA16 fold "
+        "({data}/subset{fold}/: .mhd, .mha, .nii, .nii.gz, .nrrd files and DICOM series folders).",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--fold", type=int, required=True, choices=range(10), metavar="{0..9}",
+                        help="the LUNA16 fold: reads {data}/subset{fold}/ (required)")
+    parser.add_argument("--scale", type=_positive_int, default=32, help="cubes per volume (default: 32)")
+    parser.add_argument("--data", default="datasets/luna16",
+                        help="LUNA16 root folder holding subset0 .. subset9 (default: datasets/luna16)")
+    parser.add_argument("--save", default="generated_cubes",
+                        help="output folder, created if missing (default: generated_cubes)")
+    parser.add_argument("--input_rows", type=_positive_int, default=64, help="cube rows (default: 64)")
+    parser.add_argument("--input_cols", type=_positive_int, default=64, help="cube columns (default: 64)")
+    parser.add_argument("--input_deps", type=_positive_int, default=32, help="cube depth in slices (default: 32)")
+    parser.add_argument("--crop_rows", type=_positive_int, default=64,
+                        help="rows cut from the volume, resized to input_rows when different (default: 64)")
+    parser.add_argument("--crop_cols", type=_positive_int, default=64,
+                        help="columns cut from the volume, resized to input_cols when different (default: 64)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the one random.Random drawing every window (default: 1, as the original)")
+    parser.add_argument("--workers", type=_non_negative_int, default=2,
+                        help="threads reading the next volumes while the current one is sampled; "
+                        "0 reads in the main thread. The output does not depend on it (default: 2)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="stored dtype; the original stored float64 (default: float32)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the extraction for one fold; return the exit status."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    if not os.path.isdir(args.data):
+        return fail(f"Expected --data to be a LUNA16 root folder holding subset0 .. subset9. "
+                    f"Received: --data={args.data!r} (no such folder)")
+    fold_dir = os.path.join(args.data, f"subset{args.fold}")
+    if not os.path.isdir(fold_dir):
+        return fail(f"Expected a fold folder {fold_dir!r} (--data {args.data!r}, --fold {args.fold}). "
+                    f"Received: no such folder")
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        return fail(f"Expected --save to be a folder. Received: --save={args.save!r} (a file)")
+    paths = list_volumes(fold_dir)
+    if not paths:
+        return fail(f"no volume in {fold_dir!r}: expected .mhd, .mha, .nii, .nii.gz or .nrrd files "
+                    f"or DICOM series folders")
+
+    config = setup_config(
+        input_rows=args.input_rows, input_cols=args.input_cols, input_deps=args.input_deps,
+        crop_rows=args.crop_rows, crop_cols=args.crop_cols, scale=args.scale, DATA_DIR=args.data,
+    )
+    rng = random.Random(args.seed)
+    dtype = np.dtype(args.dtype)
+    try:
+        result = extract_fold(paths, config, rng, dtype=dtype, workers=args.workers, progress=args.progress)
+        target = output_path(args.save, args.scale, args.input_rows, args.input_cols, args.input_deps, args.fold)
+        shape = None
+        if result.n_cubes:
+            os.makedirs(args.save, exist_ok=True)
+            shape = save_cubes_atomically(result.cubes, target, dtype)
+    except KeyboardInterrupt:
+        print("\ninterrupted: no cube file written", file=sys.stderr)
+        return 130
+
+    used = [v for v in result.volumes if v.cubes > 0]
+    empty = [v for v in result.volumes if v.cubes == 0]
+    partial = [v for v in used if v.reason]
+    seconds = time.perf_counter() - start
+    print(f"fold {args.fold}: {len(paths)} volumes, {len(used)} used, {len(empty)} gave no cube; "
+          f"{result.n_cubes} cubes written; {seconds:.1f} s")
+    for v in empty:
+        print(f"  no cube from {v.path}: {v.reason}")
+    for v in partial:
+        print(f"  fewer cubes from {v.path}: {v.reason}")
+    if shape is None:
+        return fail(f"no cube extracted from the {len(paths)} volumes of {fold_dir!r}; nothing written")
+    print(f"saved {target}: {dtype.name} {shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Pre-training settings of Models Genesis (plain data: no Keras import).
+
+`models_genesis_config` keeps the original's field names and defaults (SPEC section 4) and adds
+a few settings the original hard-coded or lacked (seed, network width, step counts, mixed
+precision, data layout, resuming, multi-device training). Every field can be set on the command
+line of `keras/Genesis_Chest_CT.py` as `--field value`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+DATA_FORMATS = ("channels_first", "channels_last")
+DISTRIBUTE_MODES = ("auto", "off", "all")
+
+
+@dataclass
+class models_genesis_config:  # noqa: N801 - the original's class name
+    """Models Genesis pre-training configuration.
+
+    Fields left as None are derived in `__post_init__`: `exp_name` is `model + "-" + suffix`,
+    `logs_path` is `model_path/Logs`. `steps_per_epoch` and `validation_steps` stay None in the
+    config and mean "number of cubes // batch_size", as the original.
+    """
+
+    # Experiment naming.
+    model: str = "Vnet"
+    suffix: str = "genesis_chest_ct"
+    exp_name: Optional[str] = None
+    # Data: the folder holding the extracted cube files (the original called it DATA_DIR / data).
+    data: str = "generated_cubes"
+    train_fold: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    valid_fold: List[int] = field(default_factory=lambda: [5, 6])
+    test_fold: List[int] = field(default_factory=lambda: [7, 8, 9])
+    scale: int = 32
+    input_rows: int = 64
+    input_cols: int = 64
+    input_deps: int = 32
+    # Model pre-training.
+    weights: Optional[str] = None
+    batch_size: int = 6
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    nb_epoch: int = 10000
+    patience: int = 50
+    workers: int = 10
+    max_queue_size: int = 40
+    save_samples: Optional[str] = "png"
+    verbose: int = 1
+    # Image deformation (SPEC section 2).
+    flip_rate: float = 0.4
+    local_rate: float = 0.5
+    nonlinear_rate: float = 0.9
+    paint_rate: float = 0.9
+    outpaint_rate: float = 0.8
+    inpaint_rate: float = 0.2
+    # Outputs. Relative paths are taken against the current working directory.
+    model_path: str = "pretrained_weights"
+    logs_path: Optional[str] = None
+    sample_path: str = "pair_samples"
+    # Additions (the original hard-coded these or lacked them); defaults keep its behaviour.
+    seed: int = 0
+    n_base_filters: int = 32
+    steps_per_epoch: Optional[int] = None
+    validation_steps: Optional[int] = None
+    mixed_precision: bool = False
+    data_format: str = "channels_last"
+    resume: bool = False
+    use_multiprocessing: bool = False
+    distribute: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.exp_name is None:
+            self.exp_name = f"{self.model}-{self.suffix}"
+        if self.logs_path is None:
+            self.logs_path = f"{self.model_path.rstrip('/')}/Logs"
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges; raise ValueError naming the field and what was expected."""
+        for name in ("batch_size", "input_rows", "input_cols", "input_deps", "scale",
+                     "nb_epoch", "n_base_filters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Expected {name} to be a positive integer. "
+                                 f"Received: {name}={value!r}")
+        for name in ("patience", "workers", "max_queue_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Expected {name} to be an integer >= 0. "
+                                 f"Received: {name}={value!r}")
+        for name in ("steps_per_epoch", "validation_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Expected {name} to be None or a positive integer. "
+                                 f"Received: {name}={value!r}")
+        for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate",
+                     "outpaint_rate", "inpaint_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"Expected {name} in [0, 1]. Received: {name}={value!r}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"Expected lr > 0. Received: lr={self.lr!r}")
+        if self.optimizer.lower() != "sgd":
+            # The original only ever ran SGD; other names are refused rather than ignored.
+            raise ValueError(f"Expected optimizer='sgd' (the only one the original trains with). "
+                             f"Received: optimizer={self.optimizer!r}")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"Expected data_format in {DATA_FORMATS}. "
+                             f"Received: data_format={self.data_format!r}")
+        if self.distribute not in DISTRIBUTE_MODES:
+            raise ValueError(f"Expected distribute in {DISTRIBUTE_MODES}. "
+                             f"Received: distribute={self.distribute!r}")
+        if self.save_samples not in (None, "png"):
+            raise ValueError(f"Expected save_samples to be 'png' or None. "
+                             f"Received: save_samples={self.save_samples!r}")
+        for name in ("train_fold", "valid_fold", "test_fold"):
+            folds = getattr(self, name)
+            if not isinstance(folds, (list, tuple)) or not all(
+                    isinstance(f, int) and not isinstance(f, bool) for f in folds):
+                raise ValueError(f"Expected {name} to be a list of integers. "
+                                 f"Received: {name}={folds!r}")
+        if not self.train_fold or not self.valid_fold:
+            raise ValueError("Expected at least one training and one validation fold. "
+                             f"Received: train_fold={self.train_fold}, "
+                             f"valid_fold={self.valid_fold}")
+
+    @property
+    def input_shape(self) -> tuple:
+        """The network input shape of one cube in this config's `data_format`."""
+        spatial = (self.input_rows, self.input_cols, self.input_deps)
+        return (1,) + spatial if self.data_format == "channels_first" else spatial + (1,)
+
+    def to_dict(self) -> dict:
+        """All fields as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """All fields as an indented JSON document."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "models_genesis_config":
+        """Build a config from a dict (such as a saved JSON); unknown keys raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"Expected config keys among {sorted(names)}. "
+                             f"Received unknown keys: {unknown}")
+        return cls(**values)
+
+    def display(self) -> None:
+        """Print the resolved configuration, one `name: value` line per field."""
+        print("Configurations:")
+        for f in dataclasses.fields(self):
+            value: Any = getattr(self, f.name)
+            print(f"{f.name:30s}{value}")
+        print()
+
+
+# One line of --help per field (the trainer generates its flags from the dataclass fields).
+FIELD_HELP = {
+    "model": "model name, the first part of exp_name",
+    "suffix": "experiment suffix, the second part of exp_name",
+    "exp_name": "experiment name: file names of the weights, logs and samples",
+    "data": "folder of the cube files bat_{scale}_s_{R}x{C}x{D}_{fold}.npy "
+            "(or the original's bat_{scale}_{R}x{C}x{D}_{fold}.npy)",
+    "train_fold": "folds to train on",
+    "valid_fold": "folds to validate on",
+    "test_fold": "folds kept for testing (not used in pre-training)",
+    "scale": "cubes per volume at extraction: part of the cube file names",
+    "input_rows": "cube rows (R)",
+    "input_cols": "cube columns (C)",
+    "input_deps": "cube depth (D)",
+    "weights": "weights to start from (.h5 of unet_model_3d, e.g. Genesis_Chest_CT.h5)",
+    "batch_size": "cubes per batch; lowered by 2 on an out-of-memory error",
+    "optimizer": "optimizer (the original trains with SGD, momentum 0.9)",
+    "lr": "initial learning rate",
+    "nb_epoch": "maximum number of epochs",
+    "patience": "early-stopping patience in epochs (val_loss)",
+    "workers": "threads (or processes) that make training pairs",
+    "max_queue_size": "batches made ahead of the training step",
+    "save_samples": "'png' writes about one training pair in 100 batches to "
+                    "sample_path/exp_name; 'none' writes none",
+    "verbose": "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch",
+    "flip_rate": "probability of each of up to three flips",
+    "local_rate": "probability of local pixel shuffling",
+    "nonlinear_rate": "probability of the non-linear intensity transform",
+    "paint_rate": "probability of in- or out-painting",
+    "outpaint_rate": "share of out-painting among paintings (1 - inpaint_rate)",
+    "inpaint_rate": "share of in-painting among paintings",
+    "model_path": "output folder for weights, checkpoint, CSV log, config and summary",
+    "logs_path": "TensorBoard folder; runs go to logs_path/exp_name/run-N",
+    "sample_path": "folder for the sample pair PNGs",
+    "seed": "seed of the weight initialisation and of every transform draw",
+    "n_base_filters": "filters of the first convolution (32 in the published weights)",
+    "steps_per_epoch": "training batches per epoch (default: training cubes // batch_size)",
+    "validation_steps": "validation batches per epoch (default: validation cubes // batch_size)",
+    "mixed_precision": "train in mixed bfloat16 (weights stay float32)",
+    "data_format": "tensor layout while training: channels_last (fastest) or channels_first; "
+                   "the saved weights load into either",
+    "resume": "continue the run in model_path from its last finished epoch",
+    "use_multiprocessing": "make training pairs in processes instead of threads",
+    "distribute": "auto: data-parallel over all GPUs when more than one is visible; "
+                  "off: one device; all: every visible device, CPUs included (tests)",
+}
+
+FIELD_CHOICES = {"data_format": DATA_FORMATS, "distribute": DISTRIBUTE_MODES}

@@ -1,0 +1,978 @@
+"""Models Genesis image transforms and the training-pair generator (pure NumPy + numba).
+
+The four corruptions of Models Genesis (plus the flip augmentation) and `generate_pair`, with
+the original's names, arguments and defaults (SPEC.md section 2). Every function that draws
+takes a keyword `rng` (an `np.random.Generator`; None means a fresh, unseeded one).
+
+Each transform is split in two: `draw_*_params(..., rng=)` draws the random parameters and
+`apply_*(x, params)` applies them without drawing anything, so a transform can be replayed,
+inspected and tested against a plain loop. The public original-style functions
+(`data_augmentation`, `local_pixel_shuffling`, ...) just draw then apply.
+
+Speed (see benchmarks/bench_transforms.py): local shuffling and the intensity mapping run in
+numba kernels; their results equal the plain versions (a Python loop over the blocks;
+`np.interp`) exactly, which the tests check.
+
+Cubes are `(1, R, C, D)` float32 or float64 arrays with values in [0, 1]; outputs keep the
+input dtype. This module never imports Keras.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import string
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+from numba import njit
+
+# Numbers of the original method (SPEC.md section 2).
+NONLINEAR_NTIMES = 100_000  # points on the Bezier curve of the intensity mapping
+LOCAL_SHUFFLE_BLOCKS = 10_000  # blocks shuffled per cube
+PAINT_CONTINUE_PROB = 0.95  # in/out-painting: probability of drawing one more block
+
+# Pre-training rates and sample-PNG settings of the original config, used when a duck-typed
+# config lacks an attribute.
+CONFIG_DEFAULTS = {
+    "flip_rate": 0.4,
+    "local_rate": 0.5,
+    "nonlinear_rate": 0.9,
+    "paint_rate": 0.9,
+    "outpaint_rate": 0.8,
+    "inpaint_rate": 0.2,
+    "save_samples": "png",
+    "exp_name": "Vnet-genesis_chest_ct",
+    "sample_path": "pair_samples",
+}
+RATE_NAMES = ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate", "outpaint_rate",
+              "inpaint_rate")
+SAMPLE_PNG_PROB = 0.01  # "about one batch in 100" writes a sample picture
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+def _rng(rng: Optional[np.random.Generator]) -> np.random.Generator:
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"Expected rng to be a numpy.random.Generator or None. Received: "
+                        f"rng={rng!r} of type {type(rng).__name__}")
+    return rng
+
+
+def check_prob(value: Any, name: str = "prob") -> float:
+    """Return `value` as a float, raising ValueError unless it is a number in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Expected {name} to be a number in [0, 1]. Received: {name}={value!r}")
+    if not 0.0 <= v <= 1.0:  # also rejects NaN
+        raise ValueError(f"Expected {name} to be in [0, 1]. Received: {name}={value!r}")
+    return v
+
+
+def check_values(a: np.ndarray, what: str = "x") -> None:
+    """Raise ValueError unless every value of `a` is in [0, 1] (NaN fails too)."""
+    if a.size == 0:
+        return
+    lo, hi = float(np.min(a)), float(np.max(a))
+    # min/max propagate NaN, and NaN fails both comparisons.
+    if not (lo >= 0.0 and hi <= 1.0):
+        if np.isnan(lo) or np.isnan(hi):
+            raise ValueError(f"Expected {what} to hold values in [0, 1] with no NaN. "
+                             f"Received: {what} contains NaN")
+        raise ValueError(f"Expected {what} to hold values in [0, 1] (CT scaled from HU). "
+                         f"Received: {what} with min={lo:g}, max={hi:g}")
+
+
+def check_cube(x: Any, name: str = "x", values: bool = True) -> np.ndarray:
+    """Check that `x` is one cube of shape (1, R, C, D), float, values in [0, 1]."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"Expected {name} to be a numpy array of shape (1, R, C, D). "
+                        f"Received: {name} of type {type(x).__name__}")
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"Expected {name} to have shape (1, R, C, D) (one channel-first "
+                         f"cube). Received: {name}.shape={x.shape}")
+    if x.dtype not in (np.float32, np.float64):
+        raise ValueError(f"Expected {name} to be float32 or float64. Received: "
+                         f"{name}.dtype={x.dtype}")
+    if values:
+        check_values(x, name)
+    return x
+
+
+def _randint(rng: np.random.Generator, lo: int, hi: int, what: str) -> int:
+    """Python's random.randint(lo, hi) (both ends inclusive) from a numpy Generator."""
+    if lo > hi:
+        raise ValueError(f"Expected a cube large enough for {what}: the range [{lo}, {hi}] "
+                         f"is empty. Received: a smaller cube")
+    return int(rng.integers(lo, hi + 1))
+
+
+def _spatial(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) < 3:
+        raise ValueError(f"Expected a cube shape ending in (R, C, D). Received: shape={shape}")
+    r, c, d = (int(s) for s in shape[-3:])
+    return r, c, d
+
+
+# --------------------------------------------------------------------------------------------
+# Bezier curve
+# --------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _bernstein_basis(n: int, n_times: int) -> np.ndarray:
+    """B_i(t) = comb(n, i) t**(n-i) (1-t)**i on t = linspace(0, 1, n_times); shape (n+1, T).
+
+    Cached: it depends only on (n, n_times), and the non-linear transform asks for the same
+    100,000-point cubic basis for every cube.
+    """
+    t = np.linspace(0.0, 1.0, n_times)
+    basis = np.stack([math.comb(n, i) * t ** (n - i) * (1.0 - t) ** i for i in range(n + 1)])
+    basis.setflags(write=False)
+    return basis
+
+
+@njit(cache=True, nogil=True)
+def _bezier_eval(points, basis, xvals, yvals):
+    # One fused pass: xvals[k] = sum_i points[i, 0] * basis[i, k] (likewise y).
+    m = points.shape[0]
+    for k in range(basis.shape[1]):
+        sx = 0.0
+        sy = 0.0
+        for i in range(m):
+            sx += points[i, 0] * basis[i, k]
+            sy += points[i, 1] * basis[i, k]
+        xvals[k] = sx
+        yvals[k] = sy
+
+
+def bezier_curve(points: Any, nTimes: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Bezier curve through control points, indexed like the original (t=0 gives the last point).
+
+    Args:
+        points: sequence of (x, y) control points, shape (n+1, 2).
+        nTimes: number of samples of t in linspace(0, 1, nTimes).
+
+    Returns:
+        (xvals, yvals): float64 arrays of length nTimes, with
+        xvals = sum_i points[i][0] * comb(n, i) * t**(n-i) * (1-t)**i (likewise yvals).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] < 2:
+        raise ValueError(f"Expected points of shape (n+1, 2) with n >= 1. Received: "
+                         f"points with shape {pts.shape}")
+    if isinstance(nTimes, bool) or int(nTimes) != nTimes or nTimes < 2:
+        raise ValueError(f"Expected nTimes to be an integer >= 2. Received: nTimes={nTimes!r}")
+    basis = _bernstein_basis(pts.shape[0] - 1, int(nTimes))
+    xvals = np.empty(int(nTimes))
+    yvals = np.empty(int(nTimes))
+    _bezier_eval(np.ascontiguousarray(pts), basis, xvals, yvals)
+    return xvals, yvals
+
+
+# --------------------------------------------------------------------------------------------
+# Fast np.interp for many queries against many sorted knots
+# --------------------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _bucket(v, lo, scale, nb):
+    f = (v - lo) * scale
+    if f <= 0.0:  # also catches f = -0.0
+        return 0
+    if f >= nb:
+        return nb - 1
+    return int(f)
+
+
+@njit(cache=True, nogil=True)
+def _interp_kernel(xf, xp, fp, out):
+    """out[i] = np.interp(xf[i], xp, fp), bit for bit, for non-decreasing xp.
+
+    A uniform bucket grid over [xp[0], xp[-1]] gives, for each query, the short run of knots
+    that can hold it; a binary search in that run finds j = the largest index with
+    xp[j] <= v, which is the knot np.interp uses. The arithmetic after that mirrors numpy's.
+    """
+    n = xp.shape[0]
+    lo = xp[0]
+    span = xp[n - 1] - lo
+    nb = n
+    scale = nb / span if span > 0.0 else 0.0
+    # first[b] = index of the first knot whose bucket is >= b (first[nb] = n). Buckets are
+    # monotone in v, so knots of lower buckets are < v and knots of higher buckets are > v.
+    first = np.empty(nb + 1, np.int64)
+    j = 0
+    for b in range(nb):
+        while j < n and _bucket(xp[j], lo, scale, nb) < b:
+            j += 1
+        first[b] = j
+    first[nb] = n
+    left = fp[0]
+    right = fp[n - 1]
+    for i in range(xf.shape[0]):
+        v = np.float64(xf[i])
+        if v != v:
+            out[i] = v
+            continue
+        b = _bucket(v, lo, scale, nb)
+        # Answer lies in [first[b] - 1, first[b + 1] - 1]; bisect for the largest xp[j] <= v.
+        a = first[b] - 1
+        c = first[b + 1]
+        while c - a > 1:
+            mid = (a + c) >> 1
+            if xp[mid] <= v:
+                a = mid
+            else:
+                c = mid
+        j = a
+        if j == -1:
+            r = left
+        elif j == n - 1:
+            r = right
+        elif xp[j] == v:
+            r = fp[j]
+        else:
+            slope = (fp[j + 1] - fp[j]) / (xp[j + 1] - xp[j])
+            r = slope * (v - xp[j]) + fp[j]
+            if r != r:  # numpy's fallbacks for non-finite slopes
+                r = slope * (v - xp[j + 1]) + fp[j + 1]
+                if r != r and fp[j] == fp[j + 1]:
+                    r = fp[j]
+        out[i] = r
+
+
+def fast_interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray,
+                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Equal to `np.interp(x, xp, fp).astype(x.dtype)` for non-decreasing `xp`, much faster.
+
+    Args:
+        x: query values (any shape; float32 or float64).
+        xp: non-decreasing float64 knots. fp: their values (same length).
+        out: optional output of x's shape (may be `x` itself: the mapping is elementwise).
+
+    Returns:
+        The interpolated values in an array of x's shape and dtype (`out` if given).
+    """
+    xp = np.ascontiguousarray(xp, dtype=np.float64)
+    fp = np.ascontiguousarray(fp, dtype=np.float64)
+    if xp.ndim != 1 or xp.shape != fp.shape or xp.size == 0:
+        raise ValueError(f"Expected 1-D xp and fp of the same non-zero length. Received: "
+                         f"xp.shape={xp.shape}, fp.shape={fp.shape}")
+    xc = np.ascontiguousarray(x)
+    if out is None:
+        out = np.empty_like(xc)
+    if out.shape != xc.shape or not out.flags.c_contiguous:
+        raise ValueError(f"Expected out to be C-contiguous with shape {xc.shape}. Received: "
+                         f"out.shape={out.shape}")
+    _interp_kernel(xc.reshape(-1), xp, fp, out.reshape(-1))
+    return out
+
+
+def _ascending(v: np.ndarray) -> np.ndarray:
+    """np.sort(v), taking the shortcut of reversing when v is already non-increasing.
+
+    The cubic Bezier coordinates of the non-linear transform are always monotone (control
+    values in [0, 1]) and run from 1 down to 0 because of the reversed index, so sorting
+    them is a reversal; reversing a non-increasing array gives exactly np.sort's output.
+    """
+    d = v[1:] - v[:-1]
+    if np.all(d <= 0):
+        return np.ascontiguousarray(v[::-1])
+    if np.all(d >= 0):
+        return v
+    return np.sort(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Flip (data_augmentation)
+# --------------------------------------------------------------------------------------------
+
+def draw_flip_params(prob: float = 0.5, *, rng: Optional[np.random.Generator] = None
+                     ) -> tuple[int, ...]:
+    """Draw the flips of `data_augmentation`: up to 3 times, while random() < prob, an axis.
+
+    Args:
+        prob: probability of each (further) flip.
+        rng: numpy Generator.
+
+    Returns:
+        The axes to flip, in order; each uniform on {0, 1, 2} of the (1, R, C, D) array
+        (axis 0 is the channel, so those flips do nothing: the original's behaviour).
+    """
+    prob = check_prob(prob, "prob")
+    rng = _rng(rng)
+    axes = []
+    for _ in range(3):
+        if not rng.random() < prob:
+            break
+        axes.append(int(rng.integers(0, 3)))
+    return tuple(axes)
+
+
+def apply_flip(x: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Flip `x` along each axis of `axes` in turn. Returns a view; `x` is not modified."""
+    for a in axes:
+        x = np.flip(x, axis=a)
+    return x
+
+
+def data_augmentation(x: np.ndarray, y: np.ndarray, prob: float = 0.5, *,
+                      rng: Optional[np.random.Generator] = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Flip input and target together (up to 3 flips, each while random() < prob).
+
+    Not in place: returns flipped views of `x` and `y`, which are left unchanged.
+
+    Args:
+        x, y: cubes of the same shape (1, R, C, D).
+        prob: probability of each flip.
+        rng: numpy Generator.
+
+    Returns:
+        (x, y) flipped along the same drawn axes.
+    """
+    check_cube(x, "x")
+    check_cube(y, "y")
+    if x.shape != y.shape:
+        raise ValueError(f"Expected x and y of the same shape. Received: x.shape={x.shape}, "
+                         f"y.shape={y.shape}")
+    axes = draw_flip_params(prob, rng=rng)
+    return apply_flip(x, axes), apply_flip(y, axes)
+
+
+# --------------------------------------------------------------------------------------------
+# Local pixel shuffling
+# --------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _splitmix64(state):
+    # SplitMix64: a small, well-mixed PRNG; each cube's stream is seeded from `rng`.
+    state = state + np.uint64(0x9E3779B97F4A7C15)
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return state, z ^ (z >> np.uint64(31))
+
+
+@njit(inline="always")
+def _below(state, bound):
+    # Uniform integer in [0, bound) from the top 32 bits (Lemire's multiply-shift; the bias,
+    # at most bound / 2**32 < 3e-8 here, is far below anything measurable).
+    state, z = _splitmix64(state)
+    return state, np.int64(((z >> np.uint64(32)) * np.uint64(bound)) >> np.uint64(32))
+
+
+@njit(inline="always")
+def _draw_block(state, R, C, D):
+    # Block size randint(1, R // 10) (likewise C, D), then corner randint(0, R - b).
+    state, bx = _below(state, R // 10)
+    state, by = _below(state, C // 10)
+    state, bz = _below(state, D // 10)
+    bx += 1
+    by += 1
+    bz += 1
+    state, nx = _below(state, R - bx + 1)
+    state, ny = _below(state, C - by + 1)
+    state, nz = _below(state, D - bz + 1)
+    return state, nx, ny, nz, bx, by, bz
+
+
+@njit(cache=True, nogil=True)
+def _local_shuffle_kernel(orig, out, n_blocks, seed):
+    # orig, out: (R, C, D); out starts as a copy of orig. Sources always from orig; later
+    # blocks overwrite earlier ones where they overlap.
+    R, C, D = orig.shape
+    state = np.uint64(seed)
+    buf = np.empty((R // 10) * (C // 10) * (D // 10), orig.dtype)
+    for _ in range(n_blocks):
+        state, nx, ny, nz, bx, by, bz = _draw_block(state, R, C, D)
+        m = 0
+        for a in range(bx):
+            for b in range(by):
+                for c in range(bz):
+                    buf[m] = orig[nx + a, ny + b, nz + c]
+                    m += 1
+        for i in range(m - 1, 0, -1):  # Fisher-Yates
+            state, j = _below(state, i + 1)
+            t = buf[i]
+            buf[i] = buf[j]
+            buf[j] = t
+        m = 0
+        for a in range(bx):
+            for b in range(by):
+                for c in range(bz):
+                    out[nx + a, ny + b, nz + c] = buf[m]
+                    m += 1
+
+
+@njit(cache=True, nogil=True)
+def _local_shuffle_plan_kernel(R, C, D, n_blocks, seed, blocks, perms):
+    # Same stream as _local_shuffle_kernel, written out: blocks[k] = (nx, ny, nz, bx, by, bz)
+    # and perms[k, :bx*by*bz] such that the shuffled block is flat_block[perm].
+    state = np.uint64(seed)
+    for k in range(n_blocks):
+        state, nx, ny, nz, bx, by, bz = _draw_block(state, R, C, D)
+        blocks[k, 0] = nx
+        blocks[k, 1] = ny
+        blocks[k, 2] = nz
+        blocks[k, 3] = bx
+        blocks[k, 4] = by
+        blocks[k, 5] = bz
+        m = bx * by * bz
+        for i in range(m):
+            perms[k, i] = i
+        for i in range(m - 1, 0, -1):
+            state, j = _below(state, i + 1)
+            t = perms[k, i]
+            perms[k, i] = perms[k, j]
+            perms[k, j] = t
+
+
+@dataclass(frozen=True)
+class LocalShuffleParams:
+    """Parameters of one local shuffle: the blocks and permutations come from `seed`.
+
+    `local_shuffle_plan(params)` writes them out (block corners/sizes and permutations).
+    """
+    shape: tuple[int, int, int]
+    seed: int
+    n_blocks: int = LOCAL_SHUFFLE_BLOCKS
+
+
+def _check_local_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    R, C, D = _spatial(shape)
+    if min(R, C, D) < 10:
+        raise ValueError(f"Expected every cube dimension >= 10 for local_pixel_shuffling "
+                         f"(block sizes are randint(1, dim // 10)). Received: (R, C, D)="
+                         f"{(R, C, D)}")
+    return R, C, D
+
+
+def draw_local_shuffle_params(shape: Sequence[int], prob: float = 0.5, *,
+                              rng: Optional[np.random.Generator] = None,
+                              n_blocks: int = LOCAL_SHUFFLE_BLOCKS
+                              ) -> Optional[LocalShuffleParams]:
+    """Draw a local shuffle for a cube of `shape` (..., R, C, D); None (skip) with 1 - prob.
+
+    Args:
+        shape: cube shape; the last three entries are (R, C, D), each >= 10.
+        prob: probability of shuffling.
+        rng: numpy Generator.
+        n_blocks: number of blocks (the original's 10,000).
+
+    Returns:
+        LocalShuffleParams, or None when the cube is left alone.
+    """
+    prob = check_prob(prob, "prob")
+    rng = _rng(rng)
+    R, C, D = _check_local_shape(shape)
+    if not rng.random() < prob:
+        return None
+    return LocalShuffleParams((R, C, D), int(rng.integers(0, 2**63, dtype=np.uint64)),
+                              int(n_blocks))
+
+
+def local_shuffle_plan(params: LocalShuffleParams) -> tuple[np.ndarray, np.ndarray]:
+    """Write out the blocks and permutations a LocalShuffleParams stands for.
+
+    Returns:
+        blocks: int64 (n_blocks, 6) rows (nx, ny, nz, bx, by, bz); block k covers
+        [nx:nx+bx, ny:ny+by, nz:nz+bz] (sizes randint(1, dim//10), corners randint(0, dim-b)).
+        perms: int64 (n_blocks, max block voxels); row k's first bx*by*bz entries are the
+        permutation p with shuffled_block.ravel() = original_block.ravel()[p].
+    """
+    R, C, D = params.shape
+    blocks = np.zeros((params.n_blocks, 6), np.int64)
+    perms = np.full((params.n_blocks, (R // 10) * (C // 10) * (D // 10)), -1, np.int64)
+    _local_shuffle_plan_kernel(R, C, D, params.n_blocks, np.uint64(params.seed), blocks, perms)
+    return blocks, perms
+
+
+def apply_local_pixel_shuffling(x: np.ndarray, params: Optional[LocalShuffleParams],
+                                out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Apply a drawn local shuffle to cube `x` (1, R, C, D). Not in place: returns a new array
+    (or `out`, which must not be `x`). params None returns a copy of x."""
+    if out is None:
+        out = np.empty_like(x, order="C")
+    if out is x or np.shares_memory(out, x):
+        raise ValueError("Expected out to be a separate array from x: shuffled blocks are "
+                         "read from the untouched input. Received: out sharing memory with x")
+    out[...] = x
+    if params is None:
+        return out
+    if tuple(params.shape) != _spatial(x.shape):
+        raise ValueError(f"Expected params drawn for shape {params.shape}. Received: "
+                         f"x.shape={x.shape}")
+    orig = np.ascontiguousarray(x[0])
+    _local_shuffle_kernel(orig, out[0], params.n_blocks, np.uint64(params.seed))
+    return out
+
+
+def local_pixel_shuffling(x: np.ndarray, prob: float = 0.5, *,
+                          rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Shuffle the voxels inside 10,000 small random blocks, with probability `prob`.
+
+    Not in place (like the original): returns a new array; `x` is unchanged.
+
+    Args:
+        x: cube (1, R, C, D), values in [0, 1], every dimension >= 10.
+        prob: probability of shuffling (else x is returned unchanged, as a copy).
+        rng: numpy Generator.
+
+    Returns:
+        The shuffled cube, same shape and dtype.
+    """
+    check_cube(x)
+    params = draw_local_shuffle_params(x.shape, prob, rng=rng)
+    return apply_local_pixel_shuffling(x, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-linear intensity transformation
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NonlinearParams:
+    """Control points [[0, 0], [p1, p2], [p3, p4], [1, 1]] and whether the mapping inverts."""
+    points: tuple[tuple[float, float], ...]
+    invert: bool
+
+
+def draw_nonlinear_params(prob: float = 0.5, *, rng: Optional[np.random.Generator] = None
+                          ) -> Optional[NonlinearParams]:
+    """Draw a non-linear mapping; None (skip) with probability 1 - prob.
+
+    p1..p4 are four random() draws in order; the mapping inverts intensities when a fifth
+    random() < 0.5 (then only xvals are sorted).
+    """
+    prob = check_prob(prob, "prob")
+    rng = _rng(rng)
+    if not rng.random() < prob:
+        return None
+    p = rng.random(4)
+    points = ((0.0, 0.0), (float(p[0]), float(p[1])), (float(p[2]), float(p[3])), (1.0, 1.0))
+    return NonlinearParams(points, bool(rng.random() < 0.5))
+
+
+def nonlinear_knots(params: NonlinearParams, nTimes: int = NONLINEAR_NTIMES
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The (xp, fp) knots of the mapping: xp = sort(xvals); fp = yvals if invert else
+    sort(yvals), from bezier_curve(points, 100000)."""
+    xvals, yvals = bezier_curve(params.points, nTimes=nTimes)
+    xp = _ascending(xvals)
+    fp = yvals if params.invert else _ascending(yvals)
+    return xp, fp
+
+
+def apply_nonlinear_transformation(x: np.ndarray, params: Optional[NonlinearParams],
+                                   out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Map intensities through the drawn curve: equals np.interp(x, xp, fp) cast to x's dtype.
+
+    Not in place unless `out` is `x` (allowed: the mapping is elementwise). params None
+    returns a copy of x (or x copied into out).
+    """
+    if params is None:
+        if out is None:
+            return x.copy()
+        out[...] = x
+        return out
+    xp, fp = nonlinear_knots(params)
+    return fast_interp(x, xp, fp, out=out)
+
+
+def nonlinear_transformation(x: np.ndarray, prob: float = 0.5, *,
+                             rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Monotone Bezier intensity mapping (half of the time inverting), with probability `prob`.
+
+    Not in place (like the original): returns a new array; `x` is unchanged.
+
+    Args:
+        x: cube (1, R, C, D), values in [0, 1].
+        prob: probability of transforming.
+        rng: numpy Generator.
+
+    Returns:
+        The mapped cube, same shape and dtype, values in [0, 1].
+    """
+    check_cube(x)
+    return apply_nonlinear_transformation(x, draw_nonlinear_params(prob, rng=rng))
+
+
+# --------------------------------------------------------------------------------------------
+# In-painting and out-painting
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaintParams:
+    """Blocks (rows nx, ny, nz, bx, by, bz) and the noise of a painting transform.
+
+    In-painting: `noise[k]` is block k's fill, shape (bx, by, bz).
+    Out-painting: `noise` is a single (R, C, D) fill; the blocks are restored from the input.
+    """
+    blocks: np.ndarray
+    noise: Any
+
+
+def _draw_inpaint_block(rng, R, C, D):
+    bx = _randint(rng, R // 6, R // 3, f"in-painting along R={R}")
+    by = _randint(rng, C // 6, C // 3, f"in-painting along C={C}")
+    bz = _randint(rng, D // 6, D // 3, f"in-painting along D={D}")
+    nx = _randint(rng, 3, R - bx - 3, f"in-painting along R={R}")
+    ny = _randint(rng, 3, C - by - 3, f"in-painting along C={C}")
+    nz = _randint(rng, 3, D - bz - 3, f"in-painting along D={D}")
+    return nx, ny, nz, bx, by, bz
+
+
+def _draw_outpaint_block(rng, R, C, D):
+    bx = R - _randint(rng, 3 * R // 7, 4 * R // 7, f"out-painting along R={R}")
+    by = C - _randint(rng, 3 * C // 7, 4 * C // 7, f"out-painting along C={C}")
+    bz = D - _randint(rng, 3 * D // 7, 4 * D // 7, f"out-painting along D={D}")
+    nx = _randint(rng, 3, R - bx - 3, f"out-painting along R={R}")
+    ny = _randint(rng, 3, C - by - 3, f"out-painting along C={C}")
+    nz = _randint(rng, 3, D - bz - 3, f"out-painting along D={D}")
+    return nx, ny, nz, bx, by, bz
+
+
+def _noise_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"Expected dtype float32 or float64. Received: dtype={dtype}")
+    return dtype
+
+
+def draw_in_painting_params(shape: Sequence[int], *, rng: Optional[np.random.Generator] = None,
+                            dtype: Any = np.float32) -> PaintParams:
+    """Draw in-painting: up to 5 times, while random() < 0.95, a block of size
+    randint(dim // 6, dim // 3) at corner randint(3, dim - b - 3), and its uniform [0, 1) noise.
+    """
+    rng = _rng(rng)
+    R, C, D = _spatial(shape)
+    dtype = _noise_dtype(dtype)
+    blocks, noise = [], []
+    for _ in range(5):
+        if not rng.random() < PAINT_CONTINUE_PROB:
+            break
+        blk = _draw_inpaint_block(rng, R, C, D)
+        blocks.append(blk)
+        noise.append(rng.random(blk[3:], dtype=dtype))
+    return PaintParams(np.array(blocks, np.int64).reshape(-1, 6), tuple(noise))
+
+
+def apply_in_painting(x: np.ndarray, params: PaintParams) -> np.ndarray:
+    """Fill each drawn block of cube `x` (1, R, C, D) with its noise. IN PLACE; returns x."""
+    for (nx, ny, nz, bx, by, bz), n in zip(params.blocks, params.noise):
+        x[0, nx:nx + bx, ny:ny + by, nz:nz + bz] = n
+    return x
+
+
+def image_in_painting(x: np.ndarray, *, rng: Optional[np.random.Generator] = None
+                      ) -> np.ndarray:
+    """Replace up to 5 random inner blocks with uniform noise.
+
+    IN PLACE, like the original: `x` itself is modified and returned.
+
+    Args:
+        x: cube (1, R, C, D), values in [0, 1].
+        rng: numpy Generator.
+
+    Returns:
+        x.
+    """
+    check_cube(x)
+    return apply_in_painting(x, draw_in_painting_params(x.shape, rng=rng, dtype=x.dtype))
+
+
+def draw_out_painting_params(shape: Sequence[int], *,
+                             rng: Optional[np.random.Generator] = None,
+                             dtype: Any = np.float32) -> PaintParams:
+    """Draw out-painting: noise for the whole cube, then one block of size
+    dim - randint(3*dim//7, 4*dim//7) at corner randint(3, dim - b - 3), then up to 4 more
+    while random() < 0.95."""
+    rng = _rng(rng)
+    R, C, D = _spatial(shape)
+    dtype = _noise_dtype(dtype)
+    noise = rng.random((R, C, D), dtype=dtype)
+    blocks = [_draw_outpaint_block(rng, R, C, D)]
+    for _ in range(4):
+        if not rng.random() < PAINT_CONTINUE_PROB:
+            break
+        blocks.append(_draw_outpaint_block(rng, R, C, D))
+    return PaintParams(np.array(blocks, np.int64).reshape(-1, 6), noise)
+
+
+def apply_out_painting(x: np.ndarray, params: PaintParams,
+                       out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Noise everywhere except the drawn blocks, which keep `x`'s values.
+
+    Not in place: returns a new array (or `out`, which must not share memory with `x`).
+    """
+    if out is None:
+        out = np.empty_like(x, order="C")
+    elif np.shares_memory(out, x):
+        raise ValueError("Expected out to be a separate array from x. Received: out sharing "
+                         "memory with x")
+    out[0] = params.noise
+    for nx, ny, nz, bx, by, bz in params.blocks:
+        sl = (0, slice(nx, nx + bx), slice(ny, ny + by), slice(nz, nz + bz))
+        out[sl] = x[sl]
+    return out
+
+
+def image_out_painting(x: np.ndarray, *, rng: Optional[np.random.Generator] = None
+                       ) -> np.ndarray:
+    """Keep 1 to 5 random central blocks of the cube and fill the rest with uniform noise.
+
+    Not in place (like the original): returns a new array; `x` is unchanged.
+
+    Args:
+        x: cube (1, R, C, D), values in [0, 1].
+        rng: numpy Generator.
+
+    Returns:
+        The out-painted cube, same shape and dtype.
+    """
+    check_cube(x)
+    return apply_out_painting(x, draw_out_painting_params(x.shape, rng=rng, dtype=x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Training pairs
+# --------------------------------------------------------------------------------------------
+
+def config_value(config: Any, name: str) -> Any:
+    """`config.name`, or the original's default when the (duck-typed) config lacks it."""
+    return getattr(config, name, CONFIG_DEFAULTS[name])
+
+
+def check_config(config: Any) -> dict[str, float]:
+    """Return the six transform rates of `config`, raising ValueError unless each is in [0, 1]."""
+    return {name: check_prob(config_value(config, name), f"config.{name}")
+            for name in RATE_NAMES}
+
+
+def check_batch_size(batch_size: Any, n_cubes: int, what: str = "img") -> int:
+    """Check 1 <= batch_size <= n_cubes (the batch holds distinct cubes)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"Expected batch_size to be a positive integer. Received: "
+                         f"batch_size={batch_size!r}")
+    if n_cubes < batch_size:
+        raise ValueError(f"Expected at least batch_size={batch_size} cubes (a batch holds "
+                         f"distinct cubes). Received: {n_cubes} cubes in {what}")
+    return int(batch_size)
+
+
+def corrupt_into(y: np.ndarray, x: np.ndarray, rates: dict[str, float],
+                 rng: np.random.Generator) -> None:
+    """Make one training pair in place, in the original's order of operations.
+
+    On entry `y` (1, R, C, D) holds the target cube. Afterwards `y` is the (possibly
+    flipped) target and `x` (same shape, separate memory) its corrupted input: flip (x and y
+    together, flip_rate), local shuffle (local_rate), non-linear (nonlinear_rate), then with
+    paint_rate: in-painting with inpaint_rate, else out-painting. Values are not re-checked.
+    """
+    axes = draw_flip_params(rates["flip_rate"], rng=rng)
+    if axes:
+        y[...] = apply_flip(y, axes)  # numpy buffers overlapping assignments
+    shuffle = draw_local_shuffle_params(y.shape, rates["local_rate"], rng=rng)
+    apply_local_pixel_shuffling(y, shuffle, out=x)
+    mapping = draw_nonlinear_params(rates["nonlinear_rate"], rng=rng)
+    if mapping is not None:
+        apply_nonlinear_transformation(x, mapping, out=x)
+    if rng.random() < rates["paint_rate"]:
+        if rng.random() < rates["inpaint_rate"]:
+            apply_in_painting(x, draw_in_painting_params(x.shape, rng=rng, dtype=x.dtype))
+        else:
+            painted = apply_out_painting(
+                x, draw_out_painting_params(x.shape, rng=rng, dtype=x.dtype))
+            x[...] = painted
+
+
+def pair_sample_image(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The original's sample picture of one pair (1, R, C, D): four rows (depth slices at
+    2/6, 3/6, 4/6, 5/6 of D), each the input slice beside the target slice; uint8 (4R, 2C)."""
+    D = x.shape[-1]
+    rows = [np.concatenate([x[0, :, :, k * D // 6], y[0, :, :, k * D // 6]], axis=1)
+            for k in (2, 3, 4, 5)]
+    img = np.concatenate(rows, axis=0)
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def _atomic_save_png(image: Any, path: str, fmt: str = "png") -> None:
+    """Save a PIL image through a temp file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix="." + fmt)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt.upper() if fmt.lower() != "jpg" else "JPEG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def maybe_save_sample(x: np.ndarray, y: np.ndarray, config: Any, status: str,
+                      rng: np.random.Generator) -> Optional[str]:
+    """With status "train" and config.save_samples set, write a sample PNG of one pair of the
+    batch (B, 1, R, C, D) with probability 0.01. Returns the path written, or None."""
+    fmt = config_value(config, "save_samples")
+    if status != "train" or not fmt:
+        return None
+    if not rng.random() < SAMPLE_PNG_PROB:
+        return None
+    from PIL import Image  # only needed here; keeps import of this module light
+
+    n = int(rng.integers(0, x.shape[0]))
+    chars = string.ascii_letters + string.digits
+    name = "".join(chars[int(i)] for i in rng.integers(0, len(chars), 10))
+    folder = os.path.join(config_value(config, "sample_path"), config_value(config, "exp_name"))
+    path = os.path.join(folder, f"{name}.{fmt}")
+    _atomic_save_png(Image.fromarray(pair_sample_image(x[n], y[n])), path, str(fmt))
+    return path
+
+
+def make_batch(cubes: np.ndarray, config: Any, rng: np.random.Generator,
+               status: str = "test", what: str = "img") -> tuple[np.ndarray, np.ndarray]:
+    """One batch of pairs from target cubes (B, 1, R, C, D) (copied, not modified).
+
+    Returns (x, y) of the cubes' dtype, and with status "train" maybe writes a sample PNG.
+    """
+    rates = check_config(config)
+    y = np.array(cubes, copy=True, order="C")
+    if y.dtype not in (np.float32, np.float64):
+        raise ValueError(f"Expected float32 or float64 cubes. Received: {what}.dtype={y.dtype}")
+    check_values(y, what)
+    x = np.empty_like(y)
+    for n in range(y.shape[0]):
+        corrupt_into(y[n], x[n], rates, rng)
+    maybe_save_sample(x, y, config, status, rng)
+    return x, y
+
+
+def generate_pair(img: np.ndarray, batch_size: int, config: Any, status: str = "test", *,
+                  rng: Optional[np.random.Generator] = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless generator of (corrupted input, original) batches, as in the original.
+
+    Args:
+        img: cubes, shape (N, 1, R, C, D), float32/float64, values in [0, 1].
+        batch_size: cubes per batch (distinct cubes, drawn at random for each batch).
+        config: any object with the rates (flip_rate, local_rate, nonlinear_rate, paint_rate,
+            outpaint_rate, inpaint_rate) and save_samples, exp_name, sample_path; missing
+            attributes take the original defaults.
+        status: "train" enables the sample PNGs (about one batch in 100).
+        rng: numpy Generator.
+
+    Yields:
+        (x, y): arrays (batch_size, 1, R, C, D) of img's dtype.
+    """
+    if not isinstance(img, np.ndarray) or img.ndim != 5 or img.shape[1] != 1:
+        raise ValueError(f"Expected img of shape (N, 1, R, C, D). Received: img with shape "
+                         f"{getattr(img, 'shape', type(img).__name__)}")
+    check_config(config)
+    batch_size = check_batch_size(batch_size, img.shape[0])
+    rng = _rng(rng)
+    check_values(img[0], "img[0]")  # fail at the start, not at an unlucky batch
+    while True:
+        index = rng.choice(img.shape[0], batch_size, replace=False)
+        yield make_batch(img[index], config, rng, status, "img")
+
+
+# --------------------------------------------------------------------------------------------
+# Preview CLI
+# --------------------------------------------------------------------------------------------
+
+def load_cubes(path: str) -> np.ndarray:
+    """Memory-map a cube file (N, R, C, D) or (N, 1, R, C, D) and return (N, 1, R, C, D)."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Expected a .npy file of cubes. Received: {path} ({e})") from None
+    if a.ndim == 4:
+        a = a[:, None]
+    if a.ndim != 5 or a.shape[1] != 1:
+        raise ValueError(f"Expected cubes of shape (N, R, C, D) or (N, 1, R, C, D). "
+                         f"Received: {path} with shape {a.shape}")
+    if a.dtype not in (np.float32, np.float64):
+        raise ValueError(f"Expected float32 or float64 cubes. Received: {path} with dtype "
+                         f"{a.dtype}")
+    return a
+
+
+def preview(cubes: np.ndarray, n: int = 3, seed: int = 0, zoom: int = 2) -> Any:
+    """A PIL image: one row per cube (n picked at random), columns original, flip, local
+    shuffle, non-linear, in-painting, out-painting; the middle depth slice of each."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    n = min(n, cubes.shape[0])
+    picks = np.sort(rng.choice(cubes.shape[0], n, replace=False))
+    titles = ["original", "flip", "local shuffle", "non-linear", "in-painting",
+              "out-painting"]
+    rows = []
+    for i in picks:
+        x = np.array(cubes[i], dtype=np.float32)
+        check_values(x, f"cube {i}")
+        # A visible flip (rows or columns): axis 0, the channel, would change nothing.
+        flipped = apply_flip(x, (1 + int(rng.integers(0, 2)),))
+        cols = [
+            x,
+            flipped,
+            local_pixel_shuffling(x, prob=1.0, rng=rng),
+            nonlinear_transformation(x, prob=1.0, rng=rng),
+            image_in_painting(x.copy(), rng=rng),
+            image_out_painting(x, rng=rng),
+        ]
+        D = x.shape[-1]
+        rows.append(np.concatenate([np.pad(c[0, :, :, D // 2], 1, constant_values=1.0)
+                                    for c in cols], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    grid = np.kron(grid, np.ones((zoom, zoom)))
+    body = Image.fromarray(np.clip(np.rint(grid * 255), 0, 255).astype(np.uint8))
+    header = 14
+    canvas = Image.new("L", (body.width, body.height + header), color=255)
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    w = body.width / len(titles)
+    for k, t in enumerate(titles):
+        draw.text((k * w + 3, 1), t, fill=0)
+    return canvas
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Draw a picture of each Models Genesis transform applied to a few cubes "
+                    "(middle depth slice of each).",
+        epilog="example: python keras/transforms.py --cubes "
+               "generated_cubes/bat_32_s_64x64x32_0.npy --out preview.png --n 3 --seed 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cubes", required=True,
+                        help=".npy file of cubes (N, R, C, D) or (N, 1, R, C, D), values in [0, 1]")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--n", type=int, default=3, help="number of cubes (rows); default 3")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; default 0")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"Expected --n >= 1. Received: --n {args.n}")
+    try:
+        cubes = load_cubes(args.cubes)
+        img = preview(cubes, n=args.n, seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _atomic_save_png(img, args.out, "png")
+    print(f"wrote {args.out} ({img.width}x{img.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,3 +30,20 @@ echo "== Step 2: cube extraction, folds 0 and 1 -> $CUBES"
 for fold in 0 1; do
     "$PY" infinite_generator_3D.py --fold "$fold" --scale 32 --data "$LUNA" --save "$CUBES" --no-progress
 done
+
+# ---- Pre-training and fine-tuning (added by the pre-training step; keep after extraction) ----
+WEIGHTS="$OUT/pretrained_weights"
+
+echo "== Step 3: pre-training a small U-Net (4 base filters, 3 short epochs) -> $WEIGHTS"
+# The demo's own output folder: a rerun starts it afresh (the trainer refuses to overwrite a
+# run silently; real runs continue with --resume).
+rm -rf "$WEIGHTS" "$OUT/pair_samples"
+"$PY" keras/Genesis_Chest_CT.py --data "$CUBES" --train_fold 0 --valid_fold 1 \
+    --nb_epoch 3 --batch_size 2 --n_base_filters 4 --steps_per_epoch 6 --validation_steps 2 \
+    --workers 2 --verbose 2 --model_path "$WEIGHTS" --sample_path "$OUT/pair_samples"
+echo "   best weights: $WEIGHTS/Vnet-genesis_chest_ct.h5; log: $WEIGHTS/Vnet-genesis_chest_ct.csv"
+
+echo "== Step 4: the README's segmentation snippet loads the demo weights and fine-tunes"
+"$PY" datasets/demo_finetune.py --weights "$WEIGHTS/Vnet-genesis_chest_ct.h5" \
+    --cubes "$CUBES/bat_32_s_64x64x32_1.npy" --n_base_filters 4
+echo "== Demo done: outputs under $OUT"

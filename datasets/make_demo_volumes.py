@@ -45,7 +45,7 @@ def synthetic_chest_ct(shape_xyz: Sequence[int], rng: np.random.Generator) -> np
     """One synthetic chest CT volume.
 
     Args:
-        shape_xyz: size (x, y, z); x and y at least 265 for 64x64 cubes with the 100-voxel border.
+        shape_xyz: size (x, y, z); with the 100-voxel border, 64x64 windows reach the lungs from about 384.
         rng: the generator every random choice comes from.
 
     Returns:
@@ -161,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subsets", type=int, nargs="+", default=[0, 1], help="subset numbers (default: 0 1)")
     parser.add_argument("--per-subset", type=int, default=2, help="volumes per subset (default: 2)")
     parser.add_argument("--size", type=int, nargs=3, default=[384, 384, 112], metavar=("X", "Y", "Z"),
-                        help="volume size in voxels; x, y >= 265 and z >= 96 for 64x64x32 cubes (default: 384 384 112)")
+                        help="volume size in voxels; z >= 96 for 64x64x32 cubes, and x, y >= 384 so that the lungs reach into "
+                        "the region the 100-voxel border leaves to 64x64 windows (default: 384 384 112)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5], metavar=("SX", "SY", "SZ"),
                         help="voxel spacing in mm (default: 0.8 0.8 2.5)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")

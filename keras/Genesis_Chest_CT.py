@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import gc
-import glob
 import io
 import json
 import logging
@@ -30,7 +28,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 # Sibling modules (config, unet3d, genesis_dataset) are imported from this script's own folder,
 # so the script works from any working directory.
@@ -43,16 +41,15 @@ import numpy as np  # noqa: E402
 from config import FIELD_CHOICES, FIELD_HELP, models_genesis_config  # noqa: E402
 
 EXAMPLE = """\
-example (a tiny run on the demo cubes, a minute on a CPU):
-  python infinite_generator_3D.py --fold 0 --scale 32 --data datasets/demo_luna16 --save generated_cubes
-  python infinite_generator_3D.py --fold 1 --scale 32 --data datasets/demo_luna16 --save generated_cubes
-  python keras/Genesis_Chest_CT.py --data generated_cubes --train_fold 0 --valid_fold 1 \\
-      --nb_epoch 2 --batch_size 2 --n_base_filters 4 --steps_per_epoch 4 --validation_steps 2 \\
-      --model_path demo_weights
+example (a small run on the demo's cubes, under a minute on a CPU):
+  bash datasets/demo.sh demo_output      # makes demo_output/generated_cubes (folds 0 and 1)
+  python keras/Genesis_Chest_CT.py --data demo_output/generated_cubes --train_fold 0 \\
+      --valid_fold 1 --nb_epoch 3 --batch_size 2 --n_base_filters 4 --steps_per_epoch 6 \\
+      --validation_steps 2 --model_path my_weights
 
-full pre-training as the original (five LUNA16 folds extracted with infinite_generator_3D.py):
+full pre-training as the original (LUNA16 folds 0-6 extracted with infinite_generator_3D.py):
   python keras/Genesis_Chest_CT.py --data generated_cubes
-after a crash or kill, continue from the last finished epoch with the same command plus --resume.
+after a crash or kill, continue from the last finished epoch: the same command plus --resume.
 """
 
 EXTRACTION_HINT = ("Extract them first, e.g.: python infinite_generator_3D.py --fold {fold} "
@@ -481,6 +478,17 @@ def make_callbacks_module():
                          reduce_lr=self.lr_cb.get_state())
             save_last_checkpoint(self.path, self.model, state)
 
+    class EpochSetter(keras.callbacks.Callback):
+        """Tell the datasets which epoch begins (before Keras asks for its first batch)."""
+
+        def __init__(self, datasets):
+            super().__init__()
+            self.datasets = datasets
+
+        def on_epoch_begin(self, epoch, logs=None):
+            for ds in self.datasets:
+                ds.set_epoch(epoch)
+
     class CollapseWarning(keras.callbacks.Callback):
         """Warn when the prediction on a fixed validation batch is (nearly) constant, the
         failure users of the original report with lr 1.0."""
@@ -504,7 +512,8 @@ def make_callbacks_module():
     return dict(AtomicBestCheckpoint=AtomicBestCheckpoint,
                 ResumableEarlyStopping=ResumableEarlyStopping,
                 ResumableReduceLROnPlateau=ResumableReduceLROnPlateau,
-                LastEpochCheckpoint=LastEpochCheckpoint, CollapseWarning=CollapseWarning)
+                LastEpochCheckpoint=LastEpochCheckpoint, CollapseWarning=CollapseWarning,
+                EpochSetter=EpochSetter)
 
 
 def _float_or_none(value) -> Optional[float]:
@@ -612,17 +621,52 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> dict:
                 n_train=n_train, n_valid=n_valid, steps=steps, val_steps=val_steps)
 
 
-def _make_datasets(config: models_genesis_config, plan: dict):
+def _epoch_set_dataset_class():
+    """`EpochSetPairDataset`, made on first use (it needs keras) and kept as a module global,
+    so that pickle finds it by name when worker processes are spawned."""
+    cls = globals().get("_EpochSetPairDataset")
+    if cls is not None:
+        return cls
     from genesis_dataset import GenesisPairDataset
+
+    class EpochSetPairDataset(GenesisPairDataset):
+        """A GenesisPairDataset that ignores Keras' `on_epoch_end` calls.
+
+        Keras calls `on_epoch_end` once when fit starts and twice per evaluation, so counting
+        those calls gives epoch numbers that differ between a fresh and a resumed run. The
+        trainer's `EpochSetter` callback calls `set_epoch(epoch)` instead, before any batch of
+        the epoch is made: batch i of epoch e is then the same in both.
+        """
+
+        def on_epoch_end(self) -> None:
+            pass
+
+    EpochSetPairDataset.__module__ = __name__
+    EpochSetPairDataset.__qualname__ = "EpochSetPairDataset"
+    globals()["_EpochSetPairDataset"] = EpochSetPairDataset
+    return EpochSetPairDataset
+
+
+def __getattr__(name: str):
+    # Lets pickle (spawned data workers) resolve the lazily made dataset class by name.
+    if name == "EpochSetPairDataset":
+        return _epoch_set_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_datasets(config: models_genesis_config, plan: dict):
+    """Training and validation `GenesisPairDataset`s whose epoch the trainer sets itself."""
+    dataset_class = _epoch_set_dataset_class()
     common = dict(data_format=config.data_format, workers=config.workers,
                   use_multiprocessing=config.use_multiprocessing,
                   max_queue_size=config.max_queue_size)
-    train_ds = GenesisPairDataset(plan["train_files"], config.batch_size, config, seed=config.seed,
-                                  status="train", steps=plan["steps"], **common)
-    # A different seed keeps validation pairs independent of the training pairs.
-    valid_ds = GenesisPairDataset(plan["valid_files"], config.batch_size, config,
-                                  seed=config.seed + 1, status="test", steps=plan["val_steps"],
-                                  **common)
+    train_ds = dataset_class(plan["train_files"], config.batch_size, config, seed=config.seed,
+                             status="train", steps=plan["steps"], **common)
+    # Another seed keeps validation pairs independent of the training pairs. Validation pairs
+    # change every epoch, as the original's endless validation generator did.
+    valid_ds = dataset_class(plan["valid_files"], config.batch_size, config,
+                             seed=config.seed + 1, status="test", steps=plan["val_steps"],
+                             **common)
     return train_ds, valid_ds
 
 
@@ -679,7 +723,10 @@ def train(config: models_genesis_config, overwrite: bool = False):
     return session["model"].fit(
         session["train_ds"], epochs=config.nb_epoch, initial_epoch=session["initial_epoch"],
         validation_data=session["valid_ds"], callbacks=session["callbacks"],
-        verbose=config.verbose)
+        verbose=config.verbose,
+        # Every batch already draws random cubes; Keras' shuffling of the batch order would
+        # only make a resumed run differ from an uninterrupted one.
+        shuffle=False)
 
 
 def setup(config: models_genesis_config, overwrite: bool = False) -> Optional[dict]:
@@ -721,11 +768,12 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> Optional[di
             load_last_checkpoint(paths.last, model)
 
     train_ds, valid_ds = _make_datasets(config, plan)
+    # The collapse check always predicts on validation batch 0 of epoch 0.
+    probe = valid_ds[0][0]
     initial_epoch = 0 if state is None else state["epoch"] + 1
     if initial_epoch:
-        # Batch i of epoch e depends only on (seed, e, i): resuming replays the same pairs.
-        train_ds.set_epoch(initial_epoch)
-        valid_ds.set_epoch(initial_epoch)
+        # Batch i of epoch e depends only on (seed, e, i): resuming makes the same pairs as an
+        # uninterrupted run (the EpochSetter callback sets each epoch as it begins).
         print(f"Resuming from {paths.last}: epoch {initial_epoch + 1} of {config.nb_epoch}, "
               f"best val_loss {state['best']}, learning rate {state['learning_rate']:g}")
 
@@ -752,7 +800,8 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> Optional[di
     else:
         truncate_csv(paths.csv, initial_epoch)
         append = True
-    callbacks = [cb["CollapseWarning"](valid_ds[0][0]), best_cb, early_cb, lr_cb]
+    callbacks = [cb["EpochSetter"]([train_ds, valid_ds]), cb["CollapseWarning"](probe),
+                 best_cb, early_cb, lr_cb]
     if _tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=next_run_dir(paths.logs)))
     else:

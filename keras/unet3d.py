@@ -1,6 +1,7 @@
 """The Models Genesis 3D U-Net, its fine-tuning losses and metrics, for Keras 3.
 
-Imports only Keras, NumPy, h5py and the standard library, so fine-tuning code can use it alone::
+Imports only Keras, h5py (a Keras dependency) and the standard library, so fine-tuning code can
+use it alone::
 
     import sys
     sys.path.append("keras")       # from the repository root
@@ -23,20 +24,21 @@ Two things differ from a plain Keras 3 port, both with the same weights and file
   that way, so a channels-first ``Conv3D`` whose depth equals its number of filters (64x64x32
   input, 32 filters: the network's first layer) silently adds the bias along depth.
 * ``unet_model_3d`` returns a :class:`UNet3D`, a functional model whose ``load_weights``
-  checks a Keras 2 ``.h5`` file layer by layer first (naming the first mismatch), and whose
-  ``save``/``save_weights`` write to a temporary file and rename it, so an interrupted save
-  never leaves a truncated file.
+  first checks a Keras 2 ``.h5``, ``.weights.h5`` or ``.keras`` file layer by layer (naming the first
+  layer that does not fit, with both shapes), and whose ``save``/``save_weights`` write to a
+  temporary file and rename it, so an interrupted save never leaves a truncated file.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
+import zipfile
 from typing import Iterator, Sequence
 
 import h5py
 import keras
-import numpy as np
 from keras import ops
 from keras.layers import Dense, GlobalAveragePooling3D, Softmax
 
@@ -202,9 +204,18 @@ def check_legacy_h5_weights(model: keras.Model, filepath: str | os.PathLike) -> 
 
 
 def _keras3_file_layers(filepath: str) -> list[tuple[str, list[tuple[str, tuple]]]]:
-    """Layers with weights in a Keras 3 ``.weights.h5`` file, by the layer names it records."""
+    """Layers with weights in a Keras 3 ``.weights.h5`` (or ``.keras``) file, by recorded layer name."""
     layers = []
-    with h5py.File(filepath, "r") as f:
+    source = filepath
+    if filepath.endswith(".keras"):
+        # A zip holding model.weights.h5 (the same layout); h5py reads it from memory.
+        if not zipfile.is_zipfile(filepath):
+            return layers  # an unzipped .keras folder, or not one at all: Keras will say
+        with zipfile.ZipFile(filepath) as archive:
+            if "model.weights.h5" not in archive.namelist():
+                return layers
+            source = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(source, "r") as f:
         if "layers" not in f:
             return layers
         for key in f["layers"]:
@@ -218,7 +229,9 @@ def _keras3_file_layers(filepath: str) -> list[tuple[str, list[tuple[str, tuple]
 
 
 def check_keras3_weights(model: keras.Model, filepath: str | os.PathLike) -> None:
-    """Check a Keras 3 ``.weights.h5`` file against ``model`` by layer name, naming the first misfit.
+    """Check a Keras 3 ``.weights.h5`` or ``.keras`` file against ``model`` by layer name.
+
+    Names the first layer that does not fit, with both shapes.
 
     Keras itself matches these files by structure and, on a mismatch, reports every failed
     object with its full value, or (a file with extra layers, such as batch norm the model
@@ -227,7 +240,7 @@ def check_keras3_weights(model: keras.Model, filepath: str | os.PathLike) -> Non
 
     Args:
         model: the model to load into.
-        filepath: a file written by ``save_weights("x.weights.h5")``.
+        filepath: a file written by ``save_weights("x.weights.h5")`` or ``save("x.keras")``.
 
     Raises:
         ValueError: a layer's weight shapes differ, or a layer with weights is on one side only.
@@ -253,7 +266,8 @@ def check_keras3_weights(model: keras.Model, filepath: str | os.PathLike) -> Non
         )
 
 
-_SAVE_SUFFIXES = (".weights.h5", ".weights.json", ".keras", ".h5", ".hdf5")
+# Formats Keras picks by name; anything else (sharded .weights.json...) goes to Keras unchanged.
+_SAVE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 
 
 @contextlib.contextmanager
@@ -290,7 +304,8 @@ class UNet3D(keras.Model):
 
     ``load_weights`` first checks the file against the model, naming the first layer that does
     not fit: :func:`check_legacy_h5_weights` for Keras 2 ``.h5`` files (matched by order, as
-    Keras loads them), :func:`check_keras3_weights` for ``.weights.h5`` (by layer name).
+    Keras loads them), :func:`check_keras3_weights` for ``.weights.h5`` and ``.keras`` (by
+    layer name).
     ``save`` and ``save_weights`` write a temporary file in the same folder and rename it.
     Everything else, formats included, is Keras' own.
     """
@@ -303,7 +318,7 @@ class UNet3D(keras.Model):
         if not skip_mismatch:
             if is_legacy and not kwargs.get("by_name"):
                 check_legacy_h5_weights(self, path)
-            elif path.endswith(".weights.h5"):
+            elif path.endswith((".weights.h5", ".keras")):
                 check_keras3_weights(self, path)
         return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
@@ -521,7 +536,7 @@ def mean_iou(y_true, y_pred):
     truth = ops.reshape(ops.greater(ops.cast(y_true, "float32"), 0.5), (-1,))
     y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
     scores = []
-    for t in [0.5 + 0.05 * i for i in range(10)]:
+    for t in [round(0.5 + 0.05 * i, 2) for i in range(10)]:
         pred = ops.greater(y_pred, t)
         per_class = []
         valid = []

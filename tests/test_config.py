@@ -113,7 +113,8 @@ def test_cli_sets_every_kind_of_field():
                "--lr", "0.1", "--resume", "--mixed_precision", "--data_format", "channels_first",
                "--save_samples", "none", "--steps_per_epoch", "7", "--model", "Unet"])
     assert c.data == "cubes" and c.train_fold == [0, 2] and c.valid_fold == [1]
-    assert (c.nb_epoch, c.batch_size, c.input_rows, c.input_cols, c.input_deps) == (2, 2, 32, 32, 16)
+    assert (c.nb_epoch, c.batch_size) == (2, 2)
+    assert (c.input_rows, c.input_cols, c.input_deps) == (32, 32, 16)
     assert c.n_base_filters == 4 and c.model_path == "DIR" and c.logs_path == "DIR/Logs"
     assert c.lr == pytest.approx(0.1) and isinstance(c.lr, float)
     assert c.resume is True and c.mixed_precision is True

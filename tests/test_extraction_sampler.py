@@ -12,6 +12,7 @@ from infinite_generator_3D import (
     air_test_limit,
     infinite_generator_from_one_volume,
     normalise_hu,
+    raw_threshold,
     setup_config,
     size_problem,
     tissue_score_sum,
@@ -31,7 +32,7 @@ class CountingRandom(random.Random):
 
 
 @pytest.fixture(scope="module")
-def chest_xyz(request):
+def chest_xyz():
     from conftest import CHEST_CT, require_shared
 
     import SimpleITK as sitk
@@ -67,6 +68,29 @@ def test_normalise_matches_whole_volume_bits():
     assert window.dtype == np.float64
     assert np.array_equal(window, whole[3:11, 4:9, 5:17])
     assert window.min() == 0.0 and window.max() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
+@pytest.mark.parametrize("hu_min, hu_max", [(-1000.0, 1000.0), (-1024.0, 3071.0), (-1000.0, 400.0), (0.0, 4000.0)])
+def test_raw_threshold_agrees_with_normalised_test_on_every_value(dtype, hu_min, hu_max):
+    """Exhaustive: for every value of the dtype, raw >= threshold exactly when normalised >= HU_thred."""
+    thred = (-150.0 - hu_min) / (hu_max - hu_min)
+    info = np.iinfo(dtype)
+    values = np.arange(info.min, info.max + 1).astype(dtype)
+    expected = normalise_hu(values, hu_min, hu_max) >= thred
+    t = raw_threshold(dtype, hu_min, hu_max, thred)
+    got = np.zeros(values.shape, bool) if t is None else values >= t
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32])
+def test_raw_threshold_wide_integers(dtype):
+    c = setup_config()
+    info = np.iinfo(dtype)
+    t = raw_threshold(dtype, c.hu_min, c.hu_max, c.HU_thred)
+    near = np.array([v for v in range(-300, 300) if info.min <= v <= info.max] + [info.min, info.max], dtype=dtype)
+    assert np.array_equal(near >= t, normalise_hu(near, c.hu_min, c.hu_max) >= c.HU_thred)
+    assert t == (0 if info.min == 0 else -150)
 
 
 # --- air test: array version against the loop ----------------------------------------------------
@@ -124,14 +148,15 @@ def test_air_test_boundary_sum_equal_to_limit_is_accepted():
     assert not _accepts(vol, c)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_small_random_volumes_match_loop_reference(seed):
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_small_random_volumes_match_loop_reference(seed, dtype):
     """Whole algorithm on tiny configs: many windows near the threshold, both outcomes, same stream."""
     gen = np.random.default_rng(seed)
     c = setup_config(input_rows=6, input_cols=5, input_deps=4, crop_rows=6, crop_cols=5, len_border=3,
                      len_border_z=2, scale=4, lung_max=0.3)
     vol = gen.choice(np.array([-1000, -400, -151, -150, -149, 40], np.int16), p=[0.6, 0.2, 0.05, 0.05, 0.05, 0.05],
-                     size=(20, 18, 16))
+                     size=(20, 18, 16)).astype(dtype)
     r_fast, r_ref = random.Random(seed), random.Random(seed)
     fast = infinite_generator_from_one_volume(c, vol, r_fast)
     slow = ref.reference_cubes(c, vol, r_ref)
@@ -150,6 +175,28 @@ def test_all_windows_rejected_gives_none_after_50_times_scale_attempts():
     r = CountingRandom(1)
     assert infinite_generator_from_one_volume(c, vol, r) is None
     assert r.draws == 3 * 50 * 3
+
+
+def test_rare_air_window_gives_partial_results_like_the_reference():
+    """Only one of 100 window positions passes: some seeds keep 1 or 2 of 3 cubes, one keeps none."""
+    c = setup_config(input_rows=4, input_cols=4, input_deps=2, crop_rows=4, crop_cols=4, len_border=0,
+                     len_border_z=0, scale=3)
+    vol = np.zeros((14, 14, 6), np.int16)
+    vol[:4, :4, :] = -1000
+    counts = []
+    for seed in range(10):
+        r_fast, r_ref = CountingRandom(seed), random.Random(seed)
+        fast = infinite_generator_from_one_volume(c, vol, r_fast)
+        slow = ref.reference_cubes(c, vol, r_ref)
+        assert (fast is None) == (slow is None)
+        if fast is not None:
+            assert fast.shape[1:] == (4, 4, 2) and fast.flags.c_contiguous
+            assert np.array_equal(fast, slow)
+        assert r_fast.getstate() == r_ref.getstate()
+        counts.append(0 if fast is None else len(fast))
+        if counts[-1] < 3:
+            assert r_fast.draws == 3 * 150  # ran out of attempts
+    assert {0, 1, 2, 3} <= set(counts)
 
 
 def test_all_air_volume_gives_scale_cubes_with_three_draws_each():
@@ -223,6 +270,16 @@ def test_real_ct_full_scale_matches_reference_and_spec_attempt_counts(chest_xyz,
     assert np.array_equal(fast, slow)
     assert r_fast.getstate() == r_ref.getstate()
     assert r_fast.draws == 3 * attempts
+
+
+def test_real_ct_as_float_matches_reference(chest_xyz):
+    """A float volume takes the normalise-first path: the same cubes as from int16."""
+    c = setup_config(scale=4)
+    r_fast, r_ref = random.Random(2), random.Random(2)
+    fast = infinite_generator_from_one_volume(c, chest_xyz.astype(np.float32), r_fast)
+    slow = ref.reference_cubes(c, chest_xyz, r_ref, air_test="argmax")
+    assert np.array_equal(fast, slow)
+    assert r_fast.getstate() == r_ref.getstate()
 
 
 @pytest.mark.parametrize("crop", [80, 48])

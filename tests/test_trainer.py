@@ -156,6 +156,18 @@ def test_weight_file_that_does_not_fit_is_refused(tmp_path):
         trainer.load_weights_checked(model, str(tmp_path / "missing.h5"))
 
 
+def test_main_refuses_unfitting_weights_before_training(tmp_path, capsys):
+    import unet3d
+    other = unet3d.unet_model_3d((1, 16, 16, 16), batch_normalization=True, n_base_filters=2)
+    other.save(str(tmp_path / "other.h5"))
+    write_cubes(tmp_path / "cubes")
+    rc = trainer.main(["--data", str(tmp_path / "cubes"), "--model_path", str(tmp_path / "w"),
+                       "--weights", str(tmp_path / "other.h5"), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other.h5 does not fit this model" in err
+    assert not (tmp_path / "w" / "Vnet-genesis_chest_ct.csv").exists()  # no epoch ran
+
+
 # ------------------------------------------------------------------------------ utilities
 
 def test_truncate_csv_keeps_earlier_epochs_only(tmp_path):
@@ -475,3 +487,52 @@ def test_data_parallel_over_two_virtual_jax_devices(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Data-parallel training over 2 devices (keras.distribution.DataParallel)" in proc.stdout
     assert (tmp_path / "w" / "Vnet-genesis_chest_ct.h5").is_file()
+
+
+TF_TWO_CPUS = r"""
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, sys.argv[1])
+import Genesis_Chest_CT
+sys.exit(Genesis_Chest_CT.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_over_two_virtual_tf_devices_and_resume(tmp_path):
+    write_cubes(tmp_path / "cubes")
+    args = ["--data", str(tmp_path / "cubes"), "--model_path", str(tmp_path / "w"),
+            "--steps_per_epoch", "2", "--validation_steps", "1", "--distribute", "all", *TINY]
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    for epochs, extra in (("1", []), ("2", ["--resume"])):
+        proc = subprocess.run([sys.executable, "-c", TF_TWO_CPUS, str(ROOT / "keras"),
+                               *args, "--nb_epoch", epochs, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "over 2 devices (tf.distribute.MirroredStrategy)" in proc.stdout
+    assert "Resuming from" in proc.stdout
+    rows = csv_rows(tmp_path / "w" / "Vnet-genesis_chest_ct.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_datasets_pickle_by_name_and_ignore_keras_epoch_calls(tmp_path):
+    """Spawned data workers unpickle the dataset: its class must be found by name."""
+    import pickle
+    write_cubes(tmp_path / "cubes")
+    config = tiny_config(tmp_path)
+    train_ds, valid_ds = trainer._make_datasets(config, trainer.prepare(config))
+    train_ds.set_epoch(5)
+    train_ds.on_epoch_end()  # Keras' calls do not move the epoch: the trainer sets it
+    assert train_ds.epoch == 5
+    back = pickle.loads(pickle.dumps(train_ds))
+    assert type(back) is type(train_ds) and back.epoch == 5
+    np.testing.assert_array_equal(back[1][0], train_ds[1][0])
+    assert valid_ds.seed != train_ds.seed and valid_ds.status == "test"
+    code = ("import pickle, sys; sys.path[:0] = [sys.argv[1]]; "
+            "ds = pickle.load(open(sys.argv[2], 'rb')); print(type(ds).__name__, ds.epoch)")
+    (tmp_path / "ds.pkl").write_bytes(pickle.dumps(train_ds))
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "keras"),
+                          str(tmp_path / "ds.pkl")], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["EpochSetPairDataset", "5"], out.stderr[-2000:]

@@ -1,0 +1,178 @@
+"""Peak memory of pre-training over a cube file larger than 4 GB, against a small file.
+
+The original loads every training fold into memory as float64 and copies it (about 30 GB for
+five LUNA16 folds). Here the cube files are memory-mapped and only the cubes of the batches in
+flight are read, so the trainer's memory should not depend on how many cubes there are.
+
+The benchmark writes random float32 64x64x32 cubes with np.lib.format.open_memmap (no 4 GB array
+is ever held in memory) in a temporary folder, runs `keras/Genesis_Chest_CT.py` for a few steps
+of a small network in a child process over (a) a small training file and (b) the >4 GB file, and
+reports each child's peak resident memory, sampled from /proc every 20 ms:
+  peak RSS        what `top` shows (anonymous memory + mapped file pages resident right now)
+  peak RssAnon    the process' own memory (arrays, model, runtime): what cannot be dropped
+  peak RssFile    mapped file pages (the cube file and libraries); the kernel can drop these
+plus VmHWM, the kernel's own record of the peak RSS. The temporary folder is deleted at the end.
+
+    python benchmarks/bench_memory.py                 # 4.2 GB file, a few minutes on 2 cores
+    python benchmarks/bench_memory.py --size_gb 0.5   # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINER = os.path.join(ROOT, "keras", "Genesis_Chest_CT.py")
+CUBE = (64, 64, 32)
+CUBE_BYTES = 4 * CUBE[0] * CUBE[1] * CUBE[2]
+
+# The child: run the trainer's main() and report its own VmHWM (peak RSS, kB) on exit.
+# (getrusage's ru_maxrss is no use here: Linux carries the parent's peak, which held the
+# 4 GB file mapped while writing it, over fork and exec into the child.)
+CHILD = r"""
+import runpy, sys
+out, argv = sys.argv[1], sys.argv[2:]
+sys.argv = [argv[0]] + argv[1:]
+try:
+    runpy.run_path(argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+    with open(out, "w") as f:
+        f.write(hwm)
+"""
+
+
+def write_cubes(path: str, n: int, seed: int, chunk: int = 256) -> None:
+    """n random float32 cubes in [0, 1) written chunk by chunk into a memory-mapped .npy."""
+    rng = np.random.default_rng(seed)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n,) + CUBE)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        arr[start:stop] = rng.random((stop - start,) + CUBE, dtype=np.float32)
+        arr.flush()
+    del arr
+
+
+def proc_status(pid: int) -> dict:
+    """VmRSS, RssAnon and RssFile of a process, in bytes (empty once it has exited)."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+def run_training(data: str, out: str, steps: int, batch: int, filters: int, workers: int) -> dict:
+    """One short training run in a child process; returns its peak memory figures."""
+    hwm_file = os.path.join(out, "vmhwm.txt")
+    args = [TRAINER, "--data", data, "--train_fold", "0", "--valid_fold", "1",
+            "--nb_epoch", "1", "--steps_per_epoch", str(steps), "--validation_steps", "1",
+            "--batch_size", str(batch), "--n_base_filters", str(filters), "--workers",
+            str(workers), "--max_queue_size", str(2 * workers), "--save_samples", "none",
+            "--model_path", os.path.join(out, "weights"), "--verbose", "0"]
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, hwm_file, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        for key, value in proc_status(proc.pid).items():
+            peak[key] = max(peak[key], value)
+        time.sleep(0.02)
+    log = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"training run failed (exit {proc.returncode}):\n{log[-4000:]}")
+    with open(hwm_file) as f:
+        hwm = int(f.read()) * 1024
+    return dict(peak_rss=peak["VmRSS"], peak_rss_anon=peak["RssAnon"],
+                peak_rss_file=peak["RssFile"], vm_hwm=hwm, seconds=time.time() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python benchmarks/bench_memory.py --size_gb 4.2 --steps 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size_gb", type=float, default=4.2,
+                        help="size of the big training file in GB (default: 4.2)")
+    parser.add_argument("--small_cubes", type=int, default=48,
+                        help="cubes in the small training file (default: 48)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per run (default: 8)")
+    parser.add_argument("--batch_size", type=int, default=6, help="(default: 6, the original's)")
+    parser.add_argument("--n_base_filters", type=int, default=4, help="(default: 4)")
+    parser.add_argument("--workers", type=int, default=2, help="pair-making threads (default: 2)")
+    parser.add_argument("--tmpdir", default=None, help="where the temporary cubes go "
+                        "(default: the system temp folder; needs size_gb of free disk)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    n_big = int(args.size_gb * 1e9 // CUBE_BYTES) + 1
+    need = n_big * CUBE_BYTES * 1.05 + 1e8
+    tmp = tempfile.mkdtemp(prefix="genesis-bench-memory-", dir=args.tmpdir)
+    try:
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            raise SystemExit(f"Expected {need / 1e9:.1f} GB free in {tmp}. Received: "
+                             f"{free / 1e9:.1f} GB free; pass --tmpdir or a smaller --size_gb.")
+        small, big = os.path.join(tmp, "small"), os.path.join(tmp, "big")
+        name = "bat_32_s_{}x{}x{}_{{}}.npy".format(*CUBE)
+        for folder, n_train in ((small, args.small_cubes), (big, n_big)):
+            os.makedirs(folder)
+            t = time.time()
+            write_cubes(os.path.join(folder, name.format(0)), n_train, seed=0)
+            write_cubes(os.path.join(folder, name.format(1)), 2 * args.batch_size, seed=1)
+            size = os.path.getsize(os.path.join(folder, name.format(0)))
+            print(f"wrote {n_train} cubes ({size / 1e9:.2f} GB) to {folder} in "
+                  f"{time.time() - t:.0f} s", flush=True)
+        results = {}
+        for label, folder, n_train in (("small", small, args.small_cubes), ("big", big, n_big)):
+            r = run_training(folder, os.path.join(tmp, "out-" + label), args.steps,
+                             args.batch_size, args.n_base_filters, args.workers)
+            r["cubes"] = n_train
+            r["file_gb"] = n_train * CUBE_BYTES / 1e9
+            results[label] = r
+            print(f"{label}: {json.dumps(r)}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    mib = 2 ** 20
+    print("\n| training file | cubes | peak RSS (VmHWM) | peak RssAnon | peak RssFile | run |")
+    print("|---|---|---|---|---|---|")
+    for label in ("small", "big"):
+        r = results[label]
+        print(f"| {r['file_gb']:.2f} GB | {r['cubes']} | {r['vm_hwm'] / mib:.0f} MiB | "
+              f"{r['peak_rss_anon'] / mib:.0f} MiB | {r['peak_rss_file'] / mib:.0f} MiB | "
+              f"{r['seconds']:.0f} s |")
+    more = results["big"]["file_gb"] - results["small"]["file_gb"]
+    growth = {k: (results["big"][k] - results["small"][k]) / mib
+              for k in ("vm_hwm", "peak_rss_anon", "peak_rss_file")}
+    print(f"\nbig - small, for {more:.2f} GB more cubes: peak RSS {growth['vm_hwm']:+.0f} MiB, "
+          f"RssAnon {growth['peak_rss_anon']:+.0f} MiB, RssFile {growth['peak_rss_file']:+.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=2)
+    # Targets: the trainer's own memory under 1.5 GiB (plus the model: a few MB at 4 base
+    # filters) and not growing with the cubes. Mapped file pages (the cube file read ahead
+    # around each cube, the libraries) are reported but can be dropped by the kernel.
+    ok = (results["big"]["peak_rss_anon"] < 1.5 * 2 ** 30
+          and growth["peak_rss_anon"] < 128)
+    print(f"peak RssAnon {'under' if ok else 'NOT under'} 1.5 GiB and growing by less than "
+          "128 MiB")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

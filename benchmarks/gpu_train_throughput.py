@@ -1,0 +1,171 @@
+"""Pre-training throughput on one GPU (JAX backend): cubes/s end to end and per step.
+
+Not run on the development machines (no GPU); meant for one prepared run on a GPU machine:
+
+    KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py            # full size, GPU
+    KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py --tiny     # CPU smoke test
+
+For each setting it measures, after a warm-up epoch (compilation):
+  end-to-end   model.fit on GenesisPairDataset over a memory-mapped cube file: the real
+               input pipeline (the four transforms, `--workers` threads) feeding the GPU
+  compute      model.fit on in-memory arrays (batches ready): the GPU step alone
+  pipeline     GenesisPairDataset batches made by `--workers` threads, no model
+Settings: "original" (batch 6, float32, channels_first, as the original trained) and
+"fastest" (batch 32, mixed bfloat16, channels_last; JAX always compiles the step with XLA).
+
+Reference (SPEC 6, one H200): the original PyTorch network 140 cubes/s (fp32, batch 6) and
+381 cubes/s (bf16, channels-last, batch 32); a Keras 3 JAX model 156 and 395 cubes/s. The
+transforms make about 10 cubes/s per core in the original's code, so on a GPU the input
+pipeline, not the network, can bound end-to-end speed: compare end-to-end with compute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "keras"))
+
+import numpy as np  # noqa: E402
+
+
+def settings(tiny: bool) -> list:
+    if tiny:
+        return [dict(name="original", batch=2, mixed=False, data_format="channels_first"),
+                dict(name="fastest", batch=4, mixed=True, data_format="channels_last")]
+    return [dict(name="original", batch=6, mixed=False, data_format="channels_first"),
+            dict(name="fastest", batch=32, mixed=True, data_format="channels_last")]
+
+
+class EpochTimer:
+    """Wall time of each epoch (the logs are read at epoch end, which waits for the device)."""
+
+    def __init__(self):
+        import keras
+
+        class _CB(keras.callbacks.Callback):
+            def on_epoch_begin(cb, epoch, logs=None):
+                cb.t0 = time.perf_counter()
+
+            def on_epoch_end(cb, epoch, logs=None):
+                float((logs or {}).get("loss", 0.0))  # make sure the step really finished
+                self.times.append(time.perf_counter() - cb.t0)
+
+        self.times = []
+        self.callback = _CB()
+
+
+def build(config, mixed: bool):
+    import keras
+    import Genesis_Chest_CT as trainer
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed else "float32")
+    keras.utils.set_random_seed(0)
+    return trainer.build_model(config)
+
+
+def measure(args, setting: dict, cube_file: str) -> dict:
+    """End-to-end, compute-only and pipeline-only cubes/s for one setting."""
+    import keras
+    from config import models_genesis_config
+    from genesis_dataset import GenesisPairDataset
+
+    r, c, d = args.cube
+    config = models_genesis_config(
+        input_rows=r, input_cols=c, input_deps=d, batch_size=setting["batch"],
+        n_base_filters=args.n_base_filters, data_format=setting["data_format"],
+        mixed_precision=setting["mixed"], save_samples=None, workers=args.workers,
+        max_queue_size=4 * args.workers)
+    steps = args.steps
+    result = dict(setting)
+
+    # Pipeline only: `workers` threads making batches, as the PyDataset's workers do.
+    ds = GenesisPairDataset([cube_file], setting["batch"], config, seed=0, status="test",
+                            data_format=setting["data_format"], steps=steps)
+    ds[0]  # warm up (numba compilation)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(lambda i: ds[i], range(steps)))
+    result["pipeline_cubes_per_s"] = steps * setting["batch"] / (time.perf_counter() - t)
+
+    # End to end: fit on the dataset (epoch 1 compiles; epoch 2 is timed).
+    model = build(config, setting["mixed"])
+    train = GenesisPairDataset([cube_file], setting["batch"], config, seed=0, status="test",
+                               data_format=setting["data_format"], steps=steps,
+                               workers=args.workers, max_queue_size=4 * args.workers)
+    timer = EpochTimer()
+    model.fit(train, epochs=2, verbose=0, callbacks=[timer.callback], shuffle=False)
+    result["end_to_end_cubes_per_s"] = steps * setting["batch"] / timer.times[-1]
+    result["end_to_end_step_ms"] = 1000 * timer.times[-1] / steps
+
+    # Compute only: the same number of steps on batches already in memory.
+    x, y = ds[0]
+    reps = max(1, steps)
+    xs, ys = np.concatenate([x] * reps), np.concatenate([y] * reps)
+    timer = EpochTimer()
+    model.fit(xs, ys, batch_size=setting["batch"], epochs=2, verbose=0,
+              callbacks=[timer.callback], shuffle=False)
+    result["compute_cubes_per_s"] = reps * setting["batch"] / timer.times[-1]
+    result["compute_step_ms"] = 1000 * timer.times[-1] / reps
+    result["input_pipeline_overhead_ms"] = (result["end_to_end_step_ms"]
+                                            - result["compute_step_ms"])
+    del model
+    keras.backend.clear_session()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Pre-training throughput (JAX): end to end, compute only, pipeline only.",
+        epilog="example: KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py --tiny")
+    parser.add_argument("--tiny", action="store_true",
+                        help="32x32x16 cubes, 4 base filters, few steps: a CPU smoke test")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch "
+                        "(default: 40; --tiny: 3)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="pair-making threads (default: CPU count, at most 16)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    args.cube = (32, 32, 16) if args.tiny else (64, 64, 32)
+    args.n_base_filters = 4 if args.tiny else 32
+    args.steps = args.steps or (3 if args.tiny else 40)
+    args.workers = args.workers or min(16, os.cpu_count() or 1)
+
+    import jax
+    import keras
+    print(f"keras {keras.__version__} on {keras.backend.backend()}, devices: {jax.devices()}",
+          flush=True)
+    n_cubes = 256  # more than any batch; a memory-mapped file like real cube files
+    with tempfile.TemporaryDirectory(prefix="genesis-throughput-") as tmp:
+        rng = np.random.default_rng(0)
+        cube_file = os.path.join(tmp, "cubes.npy")
+        arr = np.lib.format.open_memmap(cube_file, mode="w+", dtype=np.float32,
+                                        shape=(n_cubes,) + args.cube)
+        arr[:] = rng.random(arr.shape, dtype=np.float32)
+        arr.flush()
+        del arr
+        results = []
+        for setting in settings(args.tiny):
+            r = measure(args, setting, cube_file)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'setting':10s} {'batch':>5s} {'end-to-end':>12s} {'compute':>12s} "
+          f"{'pipeline':>12s}  (cubes/s; {args.workers} workers)")
+    for r in results:
+        print(f"{r['name']:10s} {r['batch']:5d} {r['end_to_end_cubes_per_s']:12.1f} "
+              f"{r['compute_cubes_per_s']:12.1f} {r['pipeline_cubes_per_s']:12.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=str(jax.devices()), workers=args.workers, cube=args.cube,
+                           results=results), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

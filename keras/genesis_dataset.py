@@ -1,0 +1,184 @@
+"""A `keras.utils.PyDataset` of Models Genesis training pairs over memory-mapped cube files.
+
+`GenesisPairDataset` replaces the original's endless `generate_pair` generator for
+`model.fit`: it reads `.npy` cube files with `np.load(mmap_mode="r")` (never loading them
+whole), and batch i of epoch e is a pure function of (seed, e, i), so results do not depend
+on the number of workers, on threads versus processes, or on the order Keras asks for batches.
+The transforms themselves live in `transforms.py` (pure NumPy).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import keras
+
+import transforms
+
+DATA_FORMATS = ("channels_first", "channels_last")
+STATUSES = ("train", "test")
+
+
+class GenesisPairDataset(keras.utils.PyDataset):
+    """(corrupted input, original) batches for Models Genesis pre-training.
+
+    Batch i of epoch e draws from `np.random.default_rng([seed, e, i])`: batch_size distinct
+    cubes out of all files, then the transforms of `transforms.corrupt_into` in the original's
+    order and rates (from `config`). `on_epoch_end` moves to the next epoch; `set_epoch(e)`
+    jumps to one (e.g. when resuming).
+
+    Keras' `model.fit` calls `on_epoch_end` once before its first epoch too (its epoch
+    iterator's `reset()`), so fit's epoch k reads dataset epoch k + 1 (a validation dataset
+    gets extra calls from each evaluation). To resume with `fit(..., initial_epoch=k)`, call
+    `set_epoch(k)` first: the batches are then those an uninterrupted run would have seen.
+    Or override `on_epoch_end` to do nothing and call `set_epoch(epoch)` from a callback's
+    `on_epoch_begin` (Keras starts its workers after the callbacks), as the trainer does. The epoch only changes between epochs (after Keras
+    has stopped its workers), so threads and worker processes all see the right one.
+
+    Args:
+        cube_files: a path or list of paths of `.npy` files, each (N, R, C, D) or
+            (N, 1, R, C, D), float32 or float64, values in [0, 1]; all with the same (R, C, D).
+        batch_size: cubes per batch (distinct within a batch).
+        config: object with the transform rates (flip_rate, local_rate, nonlinear_rate,
+            paint_rate, outpaint_rate, inpaint_rate) and save_samples, exp_name, sample_path
+            (missing attributes take the original defaults), e.g. `models_genesis_config`.
+        seed: base seed of every batch's generator.
+        status: "train" (the original's sample PNGs, about one batch in 100, when
+            config.save_samples is set) or "test" (no PNGs).
+        data_format: "channels_first" gives (B, 1, R, C, D); "channels_last" (B, R, C, D, 1).
+        steps: batches per epoch; None means total cubes // batch_size (as the original's
+            steps_per_epoch).
+        workers, use_multiprocessing, max_queue_size: passed to `keras.utils.PyDataset`.
+
+    Attributes:
+        cube_shape: (R, C, D). num_cubes: total cubes over all files. epoch: current epoch.
+    """
+
+    def __init__(self, cube_files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                 batch_size: int, config: Any, *, seed: int = 0, status: str = "train",
+                 data_format: str = "channels_first", steps: Optional[int] = None,
+                 workers: int = 1, use_multiprocessing: bool = False,
+                 max_queue_size: int = 10) -> None:
+        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing,
+                         max_queue_size=max_queue_size)
+        if isinstance(cube_files, (str, os.PathLike)):
+            cube_files = [cube_files]
+        self.cube_files = [os.fspath(f) for f in cube_files]
+        if not self.cube_files:
+            raise ValueError("Expected at least one cube file. Received: cube_files=[]")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(f"Expected data_format in {DATA_FORMATS}. Received: "
+                             f"data_format={data_format!r}")
+        if status not in STATUSES:
+            raise ValueError(f"Expected status in {STATUSES}. Received: status={status!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"Expected seed to be a non-negative integer. Received: "
+                             f"seed={seed!r}")
+        self.rates = transforms.check_config(config)
+        self.config = config
+        self.seed = int(seed)
+        self.status = status
+        self.data_format = data_format
+        self._arrays = []
+        shape = None
+        for f in self.cube_files:
+            a = transforms.load_cubes(f)
+            if shape is not None and a.shape[2:] != shape:
+                raise ValueError(f"Expected every cube file to hold cubes of shape {shape}. "
+                                 f"Received: {f} with cubes of shape {a.shape[2:]}")
+            shape = a.shape[2:]
+            if a.shape[0] > 0:
+                # A cheap check of the value range: the first cube of each file.
+                transforms.check_values(np.asarray(a[0]), f"{f} (cube 0)")
+            self._arrays.append(a)
+        self.cube_shape: tuple[int, int, int] = tuple(int(s) for s in shape)
+        self._offsets = np.cumsum([0] + [a.shape[0] for a in self._arrays])
+        self.num_cubes: int = int(self._offsets[-1])
+        self.batch_size = transforms.check_batch_size(batch_size, self.num_cubes,
+                                                      " + ".join(self.cube_files))
+        if steps is not None and (isinstance(steps, bool)
+                                  or not isinstance(steps, (int, np.integer)) or steps < 1):
+            raise ValueError(f"Expected steps to be a positive integer or None. Received: "
+                             f"steps={steps!r}")
+        self.steps = None if steps is None else int(steps)
+        self._epoch = 0
+
+    def __getstate__(self) -> dict:
+        # Memory maps would pickle as whole arrays: processes started with "spawn" reopen the
+        # files instead ("fork", Linux's default, shares them without pickling).
+        state = self.__dict__.copy()
+        state["_arrays"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._arrays = [transforms.load_cubes(f) for f in self.cube_files]
+
+    # -- epochs ------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """The epoch whose batches __getitem__ returns."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to `epoch` (e.g. to resume training with the batches it would have seen)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"Expected epoch to be a non-negative integer. Received: "
+                             f"epoch={epoch!r}")
+        self._epoch = int(epoch)
+
+    def on_epoch_end(self) -> None:
+        """Called by Keras after each epoch: the next batches come from the next epoch."""
+        self._epoch += 1
+
+    # -- batches -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.steps if self.steps is not None else self.num_cubes // self.batch_size
+
+    def _cube(self, k: int) -> np.ndarray:
+        f = int(np.searchsorted(self._offsets, k, side="right")) - 1
+        return self._arrays[f][k - self._offsets[f]]
+
+    def batch_indices(self, index: int, epoch: Optional[int] = None) -> np.ndarray:
+        """Global indices of the cubes of batch `index` of `epoch` (default: current)."""
+        rng = self._batch_rng(index, epoch)
+        return rng.choice(self.num_cubes, self.batch_size, replace=False)
+
+    def _batch_rng(self, index: int, epoch: Optional[int]) -> np.random.Generator:
+        e = self._epoch if epoch is None else int(epoch)
+        return np.random.default_rng([self.seed, e, int(index)])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise IndexError(f"Expected a non-negative batch index. Received: index={index!r}")
+        rng = self._batch_rng(index, None)
+        chosen = rng.choice(self.num_cubes, self.batch_size, replace=False)
+        source = _CubeView(self)
+        try:
+            x, y = transforms.make_batch(source, chosen, self.config, rng, self.status,
+                                         what="cubes")
+        except ValueError:
+            for k in chosen:  # name the offending file and cube
+                f = int(np.searchsorted(self._offsets, k, side="right")) - 1
+                transforms.check_values(np.asarray(self._cube(int(k))),
+                                        f"{self.cube_files[f]} (cube {k - self._offsets[f]})")
+            raise
+        if x.dtype != np.float32:
+            x, y = x.astype(np.float32), y.astype(np.float32)
+        if self.data_format == "channels_last":
+            x, y = np.moveaxis(x, 1, -1), np.moveaxis(y, 1, -1)
+        return x, y
+
+
+class _CubeView:
+    """Indexable view over all files' cubes as one (N, 1, R, C, D) sequence, for make_batch."""
+
+    def __init__(self, ds: GenesisPairDataset) -> None:
+        self._ds = ds
+        first = ds._arrays[0]
+        self.shape = (ds.num_cubes,) + first.shape[1:]
+        self.dtype = np.result_type(*[a.dtype for a in ds._arrays])
+
+    def __getitem__(self, k: Any) -> np.ndarray:
+        return self._ds._cube(int(k))

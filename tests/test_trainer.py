@@ -536,3 +536,38 @@ def test_datasets_pickle_by_name_and_ignore_keras_epoch_calls(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "keras"),
                           str(tmp_path / "ds.pkl")], capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["EpochSetPairDataset", "5"], out.stderr[-2000:]
+
+
+def test_interrupted_best_save_keeps_the_previous_file(tmp_path):
+    """A save interrupted half-way (Ctrl-C, full disk) leaves the old .h5 whole, no temp."""
+    target = tmp_path / "best.h5"
+    target.write_bytes(b"previous weights")
+
+    class Interrupted:
+        def save(self, path):
+            with open(path, "wb") as f:
+                f.write(b"half a fi")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model_atomic(Interrupted(), str(target))
+    assert target.read_bytes() == b"previous weights"
+    assert os.listdir(tmp_path) == ["best.h5"]
+
+
+def test_interrupted_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    model = trainer.build_model(tiny_config(tmp_path))
+    model.optimizer.build(model.trainable_variables)
+    path = str(tmp_path / "c.npz")
+    trainer.save_last_checkpoint(path, model, {"epoch": 1})
+
+    def broken_savez(f, **arrays):
+        f.write(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_last_checkpoint(path, model, {"epoch": 2})
+    monkeypatch.undo()
+    assert trainer.read_checkpoint_state(path) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["c.npz"]  # no temporary left behind

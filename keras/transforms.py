@@ -362,6 +362,23 @@ def _interp_into(xc: np.ndarray, xp_padded: np.ndarray, fp: np.ndarray, n: int,
                    stamps, _WS.gen)
 
 
+def _curve_interp_into(xf: np.ndarray, points: np.ndarray, invert: bool, n: int,
+                       out: np.ndarray) -> int:
+    """Run _curve_interp_kernel on flat xf -> out with this thread's workspaces."""
+    ws = _WS.__dict__
+    if ws.get("curve_tab") is None:
+        ws["curve_tab"] = np.zeros((1 << _VALUE_TABLE_BITS, 4), np.int64)  # stamps 0
+        ws["curve_gen"] = 0
+    ws["curve_gen"] += 1
+    tab = ws["curve_tab"]
+    coarse = _WS.get("curve_coarse", (n - 1) // _CURVE_STRIDE + 1, np.float64)
+    firstc = _WS.get("curve_firstc", _CURVE_BUCKETS + 1, np.int32)
+    xbits = xf.view(np.int32 if xf.dtype.itemsize == 4 else np.int64)
+    basis_rt = _bernstein_basis_rev_t(points.shape[0] - 1, n)
+    return int(_curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, firstc,
+                                    tab, tab.view(np.float64), ws["curve_gen"]))
+
+
 def fast_interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray,
                 out: Optional[np.ndarray] = None) -> np.ndarray:
     """Equal to `np.interp(x, xp, fp).astype(x.dtype)` for non-decreasing `xp`, much faster.
@@ -439,6 +456,161 @@ def _bezier_knots_kernel(points, basis_rt, invert, xp, fp):
             fp[k] = fp[T - 1 - k]
             fp[T - 1 - k] = t
     return ok
+
+
+# The non-linear mapping of a CT cube without writing out the 100,000 knots: the knots of the
+# few thousand distinct voxel values are evaluated on demand (bit for bit as
+# _bezier_knots_kernel writes them) and each value's result is cached.
+
+_CURVE_STRIDE = 64  # knots between the entries of the coarse table that starts each search
+_CURVE_BUCKETS = 4096  # buckets over [xp[0], xp[-1]] indexing the coarse table
+_VALUE_TABLE_BITS = 17  # slots of the value cache, indexed by bits of the float itself
+_MONOTONE_MARGIN = 1e-7  # see _curve_certified
+
+
+def _curve_certified(points: np.ndarray, invert: bool) -> bool:
+    """True when the knots of a cubic curve are provably monotone, so that writing them in
+    reverse order equals np.sort (what the on-demand mapping relies on).
+
+    For control values q0..q3 in [0, 1] the curve's derivative is 3 * (a (1-s)^2 +
+    2 b s (1-s) + c s^2) with a, b, c = q1-q0, q2-q1, q3-q2. If its minimum over [0, 1]
+    exceeds _MONOTONE_MARGIN, neighbouring knots (1e-5 apart in s) differ by more than
+    3e-12, far above the float64 error of each knot (a few 1e-16: four terms, each at most 1),
+    so the computed knots are strictly monotone too. Control points (0,0) and (1,1) with
+    p1..p4 in [0, 1] always give a derivative >= 0; the margin only rejects curves with an
+    (almost) flat point, about one draw in 10^12, which then take the sorting path.
+    """
+    if points.shape != (4, 2) or not (np.all(points >= 0.0) and np.all(points <= 1.0)):
+        return False
+    for col in ((0,) if invert else (0, 1)):
+        q = points[:, col]
+        a, b, c = q[1] - q[0], q[2] - q[1], q[3] - q[2]
+        lowest = min(a, c)
+        den = a - 2.0 * b + c
+        if den > 0.0 and 0.0 < (a - b) / den < 1.0:
+            lowest = min(lowest, (a * c - b * b) / den)
+        if not lowest > _MONOTONE_MARGIN:
+            return False
+    return True
+
+
+@njit(inline="always")
+def _curve_knot(basis_rt, k, c0, c1, c2, c3):
+    # The same expression as _bezier_knots_kernel (no fastmath: no reassociation or FMA).
+    return (((0.0 + c0 * basis_rt[k, 0]) + c1 * basis_rt[k, 1]) + c2 * basis_rt[k, 2]) \
+        + c3 * basis_rt[k, 3]
+
+
+@njit(inline="always")
+def _curve_map_value(v, n, lo, hi, scale, top, firstc, coarse, nc, basis_rt, invert,
+                     px0, px1, px2, px3, py0, py1, py2, py3):
+    # np.interp(v, xp, fp) for the knots xp[k] = x knot k, fp[k] = y knot k (or n-1-k when
+    # inverting), evaluated on demand. Monotone xp (certified by the caller).
+    S = _CURVE_STRIDE
+    vs = v if v <= hi else hi  # +inf searches as hi
+    f = min(max((vs - lo) * scale, 0.0), top)
+    c = np.int64(firstc[np.int64(f)]) - 1  # a coarse entry below v (or -1)
+    while c + 1 < nc and coarse[c + 1] <= vs:
+        c += 1
+    if c < 0:
+        j = -1
+    else:
+        # coarse[c] = xp[c*S] <= v < xp[(c+1)*S]: guess linearly inside, then walk to the
+        # largest j with xp[j] <= v (np.interp's knot) comparing exact knots.
+        end = min((c + 1) * S, n - 1)
+        x_end = coarse[c + 1] if c + 1 < nc else hi
+        j = c * S
+        d = x_end - coarse[c]
+        if d > 0.0:
+            j += np.int64((vs - coarse[c]) / d * (end - c * S))
+        j = min(j, n - 1)
+        while j > c * S and _curve_knot(basis_rt, j, px0, px1, px2, px3) > vs:
+            j -= 1
+        while j + 1 < n and _curve_knot(basis_rt, j + 1, px0, px1, px2, px3) <= vs:
+            j += 1
+    # np.interp's arithmetic (see _interp_finish).
+    if j < 0:
+        return _curve_knot(basis_rt, n - 1 if invert else 0, py0, py1, py2, py3)
+    if j >= n - 1:
+        return _curve_knot(basis_rt, 0 if invert else n - 1, py0, py1, py2, py3)
+    xj = _curve_knot(basis_rt, j, px0, px1, px2, px3)
+    fj = _curve_knot(basis_rt, n - 1 - j if invert else j, py0, py1, py2, py3)
+    if xj == v:
+        return fj
+    xj1 = _curve_knot(basis_rt, j + 1, px0, px1, px2, px3)
+    fj1 = _curve_knot(basis_rt, n - 2 - j if invert else j + 1, py0, py1, py2, py3)
+    slope = (fj1 - fj) / (xj1 - xj)
+    r = slope * (v - xj) + fj
+    if r != r:
+        r = slope * (v - xj1) + fj1
+        if r != r and fj == fj1:
+            r = fj
+    return r
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, firstc, tab, tabf,
+                         gen):
+    """out[i] = np.interp(xf[i], xp, fp) for the knots of nonlinear_knots, bit for bit,
+    without computing all knots; returns how many voxels were done (all of them, or fewer
+    when the cube holds too many distinct values for the value cache to pay).
+
+    The knots are monotone (_curve_certified). A coarse table of every _CURVE_STRIDE-th x
+    knot and a bucket index over it start each search; a value's result is cached in tab
+    (slot from the float's exponent and top 10 mantissa bits: neighbouring CT values get
+    neighbouring slots and rarely collide), valid when its stamp equals gen. tab rows are
+    (key, result, stamp, -) with tabf the float64 view of the same memory.
+    """
+    n = basis_rt.shape[0]
+    px0, px1, px2, px3 = points[0, 0], points[1, 0], points[2, 0], points[3, 0]
+    py0, py1, py2, py3 = points[0, 1], points[1, 1], points[2, 1], points[3, 1]
+    S = _CURVE_STRIDE
+    nc = (n - 1) // S + 1
+    for c in range(nc):
+        coarse[c] = _curve_knot(basis_rt, c * S, px0, px1, px2, px3)
+    lo = coarse[0]
+    hi = _curve_knot(basis_rt, n - 1, px0, px1, px2, px3)
+    nb = firstc.shape[0] - 1
+    span = hi - lo
+    scale = nb / span if span > 0.0 else 0.0
+    top = nb - 1.0
+    # firstc[b] = the first coarse entry whose bucket is >= b (counting sort, as in
+    # _interp_kernel): entries of lower buckets are < v for a v in bucket b.
+    for b in range(nb + 1):
+        firstc[b] = 0
+    for c in range(nc):
+        f = min(max((coarse[c] - lo) * scale, 0.0), top)
+        firstc[np.int64(f) + 1] += 1
+    for b in range(1, nb + 1):
+        firstc[b] += firstc[b - 1]
+    shift = np.uint64(13 if xbits.itemsize == 4 else 42)  # keep exponent + 10 mantissa bits
+    mask = np.uint64(tab.shape[0] - 1)
+    m = xf.shape[0]
+    misses = 0
+    done = 0
+    # Checkpoints: stop early on cubes of (nearly) all distinct values, e.g. uniform noise.
+    for end, most in ((min(m, 1024), 768), (min(m, _PROBE), _PROBE // 4), (m, m)):
+        for i in range(done, end):
+            key = np.int64(xbits[i])
+            h = np.int64((np.uint64(key) >> shift) & mask)
+            if tab[h, 0] == key and tab[h, 2] == gen:
+                out[i] = tabf[h, 1]
+                continue
+            v = np.float64(xf[i])
+            if v != v:
+                out[i] = v  # np.interp gives NaN for NaN
+                continue
+            misses += 1
+            r = _curve_map_value(v, n, lo, hi, scale, top, firstc, coarse, nc, basis_rt,
+                                 invert, px0, px1, px2, px3, py0, py1, py2, py3)
+            tab[h, 0] = key
+            tab[h, 2] = gen
+            tabf[h, 1] = r
+            out[i] = r
+        done = end
+        if done < m and misses > most:
+            return done
+    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,55 +709,68 @@ def _draw_block(state, R, C, D):
 
 
 @njit(inline="always")
-def _fisher_yates(state, a, m):
-    # Shuffle a[:m] in place: for i = m-1 .. 1 swap a[i] with a[j], j uniform in [0, i]. Two
-    # steps per 64-bit draw.
-    i = m - 1
-    while i >= 2:
-        state, j1, j2 = _below2(state, i + 1, i)
-        t = a[i]
-        a[i] = a[j1]
-        a[j1] = t
-        t = a[i - 1]
-        a[i - 1] = a[j2]
-        a[j2] = t
-        i -= 2
-    if i == 1:
-        state, j1, _unused = _below2(state, 2, 1)
-        t = a[1]
-        a[1] = a[j1]
-        a[j1] = t
-    return state
+def _inside_out_step(state, i, m):
+    # Bounds of the next one or two steps of the inside-out shuffle at position i (i < m):
+    # j1 uniform in [0, i], and j2 in [0, i + 1] when i + 1 < m (one 64-bit draw for both).
+    if i + 1 < m:
+        return _below2(state, i + 1, i + 2)
+    return _below2(state, i + 1, 1)
 
 
 @njit(cache=True, nogil=True)
-def _local_shuffle_kernel(orig, out, n_blocks, seed):
-    # orig, out: (R, C, D); out starts as a copy of orig. Sources always from orig; later
-    # blocks overwrite earlier ones where they overlap.
+def _local_shuffle_kernel(orig, out, n_blocks, seed, offtab, offstart):
+    """Write the n_blocks shuffled blocks of orig (R, C, D) into out (a copy of orig).
+
+    Per block: its voxels are gathered from orig through the block's flat offsets and
+    shuffled as they arrive (Durstenfeld's inside-out Fisher-Yates: buf[i] = buf[j];
+    buf[j] = src[i], j uniform in [0, i]), then scattered to out. Sources always come from
+    orig; later blocks overwrite earlier ones where they overlap. offtab[offstart[s]:] holds
+    the flat offsets of a block of size s = (bx-1, by-1, bz-1) relative to its corner (see
+    _block_offsets); an empty offtab (very large cubes) computes them per block instead.
+    """
     R, C, D = orig.shape
+    src = orig.reshape(-1)
+    dst = out.reshape(-1)
     state = np.uint64(seed)
-    buf = np.empty((R // 10) * (C // 10) * (D // 10), orig.dtype)
+    cap = (R // 10) * (C // 10) * (D // 10)
+    buf = np.empty(cap, orig.dtype)
+    tmp = np.empty(cap if offtab.shape[0] == 0 else 1, np.int64)
+    nby = C // 10
+    nbz = D // 10
     for _ in range(n_blocks):
         state, nx, ny, nz, bx, by, bz = _draw_block(state, R, C, D)
-        m = 0
-        for a in range(bx):
-            for b in range(by):
-                for c in range(bz):
-                    buf[m] = orig[nx + a, ny + b, nz + c]
-                    m += 1
-        state = _fisher_yates(state, buf, m)
-        m = 0
-        for a in range(bx):
-            for b in range(by):
-                for c in range(bz):
-                    out[nx + a, ny + b, nz + c] = buf[m]
-                    m += 1
+        base = (nx * C + ny) * D + nz
+        m = bx * by * bz
+        if offtab.shape[0] > 0:
+            offs = offtab[offstart[((bx - 1) * nby + (by - 1)) * nbz + (bz - 1)]:]
+        else:
+            k = 0
+            for a in range(bx):
+                for b in range(by):
+                    o = (a * C + b) * D
+                    for c in range(bz):
+                        tmp[k] = o + c
+                        k += 1
+            offs = tmp
+        buf[0] = src[base + offs[0]]
+        i = 1
+        while i < m:
+            state, j1, j2 = _inside_out_step(state, i, m)
+            buf[i] = buf[j1]
+            buf[j1] = src[base + offs[i]]
+            if i + 1 < m:
+                buf[i + 1] = buf[j2]
+                buf[j2] = src[base + offs[i + 1]]
+            i += 2
+        for i in range(m):
+            dst[base + offs[i]] = buf[i]
 
 
 @njit(cache=True, nogil=True)
 def _local_shuffle_plan_kernel(R, C, D, n_blocks, seed, blocks, perms):
     # Same stream as _local_shuffle_kernel, written out: blocks[k] = (nx, ny, nz, bx, by, bz)
-    # and perms[k, :bx*by*bz] such that the shuffled block is flat_block[perm].
+    # and perms[k, :bx*by*bz] such that the shuffled block is flat_block[perm] (the
+    # inside-out shuffle run on the indices 0..m-1 instead of the voxel values).
     state = np.uint64(seed)
     for k in range(n_blocks):
         state, nx, ny, nz, bx, by, bz = _draw_block(state, R, C, D)
@@ -597,9 +782,51 @@ def _local_shuffle_plan_kernel(R, C, D, n_blocks, seed, blocks, perms):
         blocks[k, 5] = bz
         m = bx * by * bz
         row = perms[k]
-        for i in range(m):
-            row[i] = i
-        state = _fisher_yates(state, row, m)
+        row[0] = 0
+        i = 1
+        while i < m:
+            state, j1, j2 = _inside_out_step(state, i, m)
+            row[i] = row[j1]
+            row[j1] = i
+            if i + 1 < m:
+                row[i + 1] = row[j2]
+                row[j2] = i + 1
+            i += 2
+
+
+_OFFSET_TABLE_MAX = 1 << 22  # entries (int64): larger cubes compute block offsets per block
+
+
+@functools.lru_cache(maxsize=16)
+def _block_offsets(R: int, C: int, D: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat offsets (relative to the corner) of the voxels of every block size, in C order.
+
+    Block size (bx, by, bz) starts at offtab[offstart[((bx-1)*(C//10) + by-1)*(D//10) + bz-1]].
+    Looking them up replaces three nested loops of a few steps each (whose exits the CPU
+    mispredicts) by flat loops in the kernel. Empty arrays when the table would be too large.
+    """
+    sizes = [np.arange(1, d // 10 + 1) for d in (R, C, D)]
+    total = int(sizes[0].sum() * sizes[1].sum() * sizes[2].sum())
+    if total > _OFFSET_TABLE_MAX:
+        empty = np.zeros(0, np.int64)
+        empty.setflags(write=False)
+        return empty, empty
+    offtab = np.empty(total, np.int64)
+    offstart = np.empty(len(sizes[0]) * len(sizes[1]) * len(sizes[2]), np.int64)
+    k = s = 0
+    for bx in sizes[0]:
+        for by in sizes[1]:
+            for bz in sizes[2]:
+                a, b, c = np.meshgrid(np.arange(bx), np.arange(by), np.arange(bz),
+                                      indexing="ij")
+                o = ((a * C + b) * D + c).ravel()
+                offstart[s] = k
+                offtab[k:k + o.size] = o
+                k += o.size
+                s += 1
+    offtab.setflags(write=False)
+    offstart.setflags(write=False)
+    return offtab, offstart
 
 
 @dataclass(frozen=True)
@@ -680,7 +907,9 @@ def apply_local_pixel_shuffling(x: np.ndarray, params: Optional[LocalShufflePara
         raise ValueError(f"Expected params drawn for shape {params.shape}. Received: "
                          f"x.shape={x.shape}")
     orig = np.ascontiguousarray(x[0])
-    _local_shuffle_kernel(orig, out[0], params.n_blocks, np.uint64(params.seed))
+    offtab, offstart = _block_offsets(*params.shape)
+    _local_shuffle_kernel(orig, out[0], params.n_blocks, np.uint64(params.seed), offtab,
+                          offstart)
     return out
 
 
@@ -770,10 +999,18 @@ def apply_nonlinear_transformation(x: np.ndarray, params: Optional[NonlinearPara
         out[...] = xc
         return out
     n = NONLINEAR_NTIMES
-    xp = _WS.get("xp", n + 1, np.float64)
-    fp = _WS.get("fp", n, np.float64)
-    _knots_into(params, n, xp, fp)
-    _interp_into(xc, xp, fp, n, out)
+    xf = xc.reshape(-1)
+    of = out.reshape(-1)
+    done = 0
+    pts = np.asarray(params.points, dtype=np.float64)
+    if _curve_certified(pts, bool(params.invert)):
+        done = _curve_interp_into(xf, pts, bool(params.invert), n, of)
+    if done < xf.size:
+        # Many distinct values (or an uncertified curve): all knots, then the passes.
+        xp = _WS.get("xp", n + 1, np.float64)
+        fp = _WS.get("fp", n, np.float64)
+        _knots_into(params, n, xp, fp)
+        _interp_into(xf[done:], xp, fp, n, of[done:])
     return out
 
 
@@ -860,6 +1097,33 @@ def _uniform_fill_kernel(flat, seed, bits):
             flat[i] = np.float64(z >> np.uint64(11)) * scale
 
 
+@njit(cache=True, nogil=True)
+def _out_paint_kernel(x, seed, bits, blocks, scratch):
+    """Out-paint x (R, C, D) in place: the blocks' voxels are saved to scratch, x is filled
+    with the noise _uniform_fill_kernel(x, seed, bits) draws, and the blocks are put back.
+    Equals apply_out_painting with that noise, without a noise cube or whole-cube copies."""
+    R, C, D = x.shape
+    k = 0
+    for r in range(blocks.shape[0]):
+        nx, ny, nz, bx, by, bz = blocks[r, 0], blocks[r, 1], blocks[r, 2], blocks[r, 3], \
+            blocks[r, 4], blocks[r, 5]
+        for a in range(nx, nx + bx):
+            for b in range(ny, ny + by):
+                for c in range(nz, nz + bz):
+                    scratch[k] = x[a, b, c]
+                    k += 1
+    _uniform_fill_kernel(x.reshape(-1), seed, bits)
+    k = 0
+    for r in range(blocks.shape[0]):
+        nx, ny, nz, bx, by, bz = blocks[r, 0], blocks[r, 1], blocks[r, 2], blocks[r, 3], \
+            blocks[r, 4], blocks[r, 5]
+        for a in range(nx, nx + bx):
+            for b in range(ny, ny + by):
+                for c in range(nz, nz + bz):
+                    x[a, b, c] = scratch[k]
+                    k += 1
+
+
 def uniform_fill(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Fill `out` (float32 or float64, C-contiguous) with uniform [0, 1) noise and return it.
 
@@ -933,13 +1197,21 @@ def draw_out_painting_params(shape: Sequence[int], *,
     elif noise_out.shape != (R, C, D) or noise_out.dtype != dtype:
         raise ValueError(f"Expected noise_out of shape {(R, C, D)} and dtype {dtype}. "
                          f"Received: {noise_out.shape}, {noise_out.dtype}")
-    noise = uniform_fill(noise_out, rng)
+    seed, blocks = _draw_out_painting_plan(R, C, D, rng)
+    _uniform_fill_kernel(noise_out.reshape(-1), seed, 24 if dtype == np.float32 else 53)
+    return PaintParams(blocks, noise_out)
+
+
+def _draw_out_painting_plan(R: int, C: int, D: int, rng: np.random.Generator
+                            ) -> tuple[np.uint64, np.ndarray]:
+    # The noise seed (as uniform_fill draws it), then the kept blocks.
+    seed = np.uint64(rng.integers(0, 2**63, dtype=np.uint64))
     blocks = [_draw_outpaint_block(rng, R, C, D)]
     for _ in range(4):
         if not rng.random() < PAINT_CONTINUE_PROB:
             break
         blocks.append(_draw_outpaint_block(rng, R, C, D))
-    return PaintParams(np.array(blocks, np.int64).reshape(-1, 6), noise)
+    return seed, np.array(blocks, np.int64).reshape(-1, 6)
 
 
 def apply_out_painting(x: np.ndarray, params: PaintParams,
@@ -1025,15 +1297,13 @@ def corrupt_into(y: np.ndarray, x: np.ndarray, rates: dict[str, float],
         if rng.random() < rates["inpaint_rate"]:
             apply_in_painting(x, draw_in_painting_params(x.shape, rng=rng, dtype=x.dtype))
         else:
-            # The noise goes into a reused scratch cube, then the kept blocks are copied
-            # into it and it into x: as apply_out_painting, without fresh allocations.
-            noise = _WS.get("noise_" + x.dtype.name, x.size, x.dtype).reshape(x.shape[1:])
-            params = draw_out_painting_params(x.shape, rng=rng, dtype=x.dtype,
-                                              noise_out=noise)
-            for nx, ny, nz, bx, by, bz in params.blocks:
-                sl = (slice(nx, nx + bx), slice(ny, ny + by), slice(nz, nz + bz))
-                noise[sl] = x[0][sl]
-            x[0] = noise
+            # As apply_out_painting(x, draw_out_painting_params(...)) (same draws, same
+            # values), in one pass over x without materialising the noise cube.
+            seed, blocks = _draw_out_painting_plan(*_spatial(x.shape), rng)
+            kept = int(np.prod(blocks[:, 3:], axis=1).sum())
+            scratch = _WS.get("outpaint_" + x.dtype.name, kept, x.dtype)
+            _out_paint_kernel(x[0], seed, 24 if x.dtype == np.float32 else 53, blocks,
+                              scratch)
 
 
 def pair_sample_image(x: np.ndarray, y: np.ndarray) -> np.ndarray:

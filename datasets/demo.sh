@@ -8,6 +8,8 @@
 # OUTDIR/generated_cubes. Later steps (pre-training, fine-tuning) follow below.
 # PY selects the interpreter (default: the project's .venv).
 set -euo pipefail
+# Keep TensorFlow's C++ start-up chatter out of the demo's output.
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
 OUT=${1:-demo_output}
 mkdir -p "$OUT"
@@ -38,8 +40,10 @@ echo "== Step 3: pre-training a small U-Net (4 base filters, 3 short epochs) -> 
 # The demo's own output folder: a rerun starts it afresh (the trainer refuses to overwrite a
 # run silently; real runs continue with --resume).
 rm -rf "$WEIGHTS" "$OUT/pair_samples"
+# lr 0.1, not the original's 1.0: with 4 filters and a handful of steps, lr 1.0 often collapses
+# the network to a constant output (the trainer warns when it does).
 "$PY" keras/Genesis_Chest_CT.py --data "$CUBES" --train_fold 0 --valid_fold 1 \
-    --nb_epoch 3 --batch_size 2 --n_base_filters 4 --steps_per_epoch 6 --validation_steps 2 \
+    --nb_epoch 3 --batch_size 2 --lr 0.1 --n_base_filters 4 --steps_per_epoch 6 --validation_steps 2 \
     --workers 2 --verbose 2 --model_path "$WEIGHTS" --sample_path "$OUT/pair_samples"
 echo "   best weights: $WEIGHTS/Vnet-genesis_chest_ct.h5; log: $WEIGHTS/Vnet-genesis_chest_ct.csv"
 

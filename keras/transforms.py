@@ -79,10 +79,30 @@ def check_prob(value: Any, name: str = "prob") -> float:
     return v
 
 
+@njit(cache=True, nogil=True)
+def _bits_in_unit_range(bits, one, neg_zero):
+    # True when every float (given as its unsigned bits) is in [0, 1]: +0..1 are exactly the
+    # bit patterns 0..bits(1.0), and -0.0 is the one other value in range; negatives and
+    # NaN have larger patterns. An integer max, which vectorises (a float min/max pass with
+    # NaN checks does not).
+    hi = bits.dtype.type(0)
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        hi = max(hi, b if b != neg_zero else bits.dtype.type(0))
+    return hi <= one
+
+
 def check_values(a: np.ndarray, what: str = "x") -> None:
     """Raise ValueError unless every value of `a` is in [0, 1] (NaN fails too)."""
     if a.size == 0:
         return
+    if type(a) is np.ndarray and a.flags.c_contiguous and a.dtype in (np.float32, np.float64):
+        # One pass over the bits; min/max below only to word the error.
+        u = np.uint32 if a.dtype == np.float32 else np.uint64
+        one = np.array(1.0, a.dtype).view(u)[()]
+        neg_zero = np.array(-0.0, a.dtype).view(u)[()]
+        if _bits_in_unit_range(a.reshape(-1).view(u), one, neg_zero):
+            return
     lo, hi = float(np.min(a)), float(np.max(a))
     # min/max propagate NaN, and NaN fails both comparisons.
     if not (lo >= 0.0 and hi <= 1.0):
@@ -146,6 +166,15 @@ def _bernstein_basis_rev_t(n: int, n_times: int) -> np.ndarray:
     """_bernstein_basis reversed along t and transposed, shape (T, n+1): row k holds the
     basis at t index T-1-k, contiguous for the knots kernel."""
     basis = np.ascontiguousarray(_bernstein_basis(n, n_times)[:, ::-1].T)
+    basis.setflags(write=False)
+    return basis
+
+
+@functools.lru_cache(maxsize=8)
+def _bernstein_basis_coarse(n: int, n_times: int) -> np.ndarray:
+    """Every _CURVE_STRIDE-th row of _bernstein_basis_rev_t, contiguous (the coarse knots are
+    computed for every cube: one stream instead of a cache miss per row)."""
+    basis = np.ascontiguousarray(_bernstein_basis_rev_t(n, n_times)[::_CURVE_STRIDE])
     basis.setflags(write=False)
     return basis
 
@@ -366,17 +395,22 @@ def _curve_interp_into(xf: np.ndarray, points: np.ndarray, invert: bool, n: int,
                        out: np.ndarray) -> int:
     """Run _curve_interp_kernel on flat xf -> out with this thread's workspaces."""
     ws = _WS.__dict__
-    if ws.get("curve_tab") is None:
-        ws["curve_tab"] = np.zeros((1 << _VALUE_TABLE_BITS, 4), np.int64)  # stamps 0
+    name = f"curve_tab{xf.dtype.itemsize}"
+    if ws.get("curve_gen", 2**31) >= 2**31 - 1:  # first call, or gen outgrew 32 bits
+        ws["curve_tab4"] = ws["curve_tab8"] = None
         ws["curve_gen"] = 0
+    if ws[name] is None:  # stamps 0: never valid (gen starts at 1)
+        ws[name] = np.zeros((1 << _VALUE_TABLE_BITS, 2 if xf.dtype.itemsize == 4 else 4),
+                            np.int64)
     ws["curve_gen"] += 1
-    tab = ws["curve_tab"]
+    tab = ws[name]
     coarse = _WS.get("curve_coarse", (n - 1) // _CURVE_STRIDE + 1, np.float64)
     firstc = _WS.get("curve_firstc", _CURVE_BUCKETS + 1, np.int32)
     xbits = xf.view(np.int32 if xf.dtype.itemsize == 4 else np.int64)
     basis_rt = _bernstein_basis_rev_t(points.shape[0] - 1, n)
-    return int(_curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, firstc,
-                                    tab, tab.view(np.float64), ws["curve_gen"]))
+    basis_c = _bernstein_basis_coarse(points.shape[0] - 1, n)
+    return int(_curve_interp_kernel(xf, xbits, out, basis_rt, basis_c, points, invert, coarse,
+                                    firstc, tab, tab.view(np.float64), ws["curve_gen"]))
 
 
 def fast_interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray,
@@ -549,8 +583,8 @@ def _curve_map_value(v, n, lo, hi, scale, top, firstc, coarse, nc, basis_rt, inv
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, firstc, tab, tabf,
-                         gen):
+def _curve_interp_kernel(xf, xbits, out, basis_rt, basis_c, points, invert, coarse, firstc,
+                         tab, tabf, gen):
     """out[i] = np.interp(xf[i], xp, fp) for the knots of nonlinear_knots, bit for bit,
     without computing all knots; returns how many voxels were done (all of them, or fewer
     when the cube holds too many distinct values for the value cache to pay).
@@ -559,15 +593,17 @@ def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, first
     knot and a bucket index over it start each search; a value's result is cached in tab
     (slot from the float's exponent and top 10 mantissa bits: neighbouring CT values get
     neighbouring slots and rarely collide), valid when its stamp equals gen. tab rows are
-    (key, result, stamp, -) with tabf the float64 view of the same memory.
+    (gen << 32 | float32 bits, result) for float32 cubes (16 bytes: more of the hot slots
+    stay in L1) and (float64 bits, result, gen, -) for float64; tabf is the float64 view of
+    the same memory.
     """
     n = basis_rt.shape[0]
     px0, px1, px2, px3 = points[0, 0], points[1, 0], points[2, 0], points[3, 0]
     py0, py1, py2, py3 = points[0, 1], points[1, 1], points[2, 1], points[3, 1]
     S = _CURVE_STRIDE
     nc = (n - 1) // S + 1
-    for c in range(nc):
-        coarse[c] = _curve_knot(basis_rt, c * S, px0, px1, px2, px3)
+    for c in range(nc):  # basis_c holds rows 0, S, 2S... of basis_rt, contiguous
+        coarse[c] = _curve_knot(basis_c, c, px0, px1, px2, px3)
     lo = coarse[0]
     hi = _curve_knot(basis_rt, n - 1, px0, px1, px2, px3)
     nb = firstc.shape[0] - 1
@@ -583,7 +619,8 @@ def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, first
         firstc[np.int64(f) + 1] += 1
     for b in range(1, nb + 1):
         firstc[b] += firstc[b - 1]
-    shift = np.uint64(13 if xbits.itemsize == 4 else 42)  # keep exponent + 10 mantissa bits
+    narrow = xbits.itemsize == 4
+    shift = np.uint64(13 if narrow else 42)  # keep exponent + 10 mantissa bits
     mask = np.uint64(tab.shape[0] - 1)
     m = xf.shape[0]
     misses = 0
@@ -591,11 +628,17 @@ def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, first
     # Checkpoints: stop early on cubes of (nearly) all distinct values, e.g. uniform noise.
     for end, most in ((min(m, 1024), 768), (min(m, _PROBE), _PROBE // 4), (m, m)):
         for i in range(done, end):
-            key = np.int64(xbits[i])
-            h = np.int64((np.uint64(key) >> shift) & mask)
-            if tab[h, 0] == key and tab[h, 2] == gen:
-                out[i] = tabf[h, 1]
-                continue
+            h = np.int64((np.uint64(xbits[i]) >> shift) & mask)
+            if narrow:  # float32: the stamp shares the key's int64
+                key = (np.int64(xbits[i]) & np.int64(0xFFFFFFFF)) | (gen << 32)
+                if tab[h, 0] == key:
+                    out[i] = tabf[h, 1]
+                    continue
+            else:
+                key = np.int64(xbits[i])
+                if tab[h, 0] == key and tab[h, 2] == gen:
+                    out[i] = tabf[h, 1]
+                    continue
             v = np.float64(xf[i])
             if v != v:
                 out[i] = v  # np.interp gives NaN for NaN
@@ -604,7 +647,8 @@ def _curve_interp_kernel(xf, xbits, out, basis_rt, points, invert, coarse, first
             r = _curve_map_value(v, n, lo, hi, scale, top, firstc, coarse, nc, basis_rt,
                                  invert, px0, px1, px2, px3, py0, py1, py2, py3)
             tab[h, 0] = key
-            tab[h, 2] = gen
+            if not narrow:
+                tab[h, 2] = gen
             tabf[h, 1] = r
             out[i] = r
         done = end
@@ -906,11 +950,19 @@ def apply_local_pixel_shuffling(x: np.ndarray, params: Optional[LocalShufflePara
     if tuple(params.shape) != _spatial(x.shape):
         raise ValueError(f"Expected params drawn for shape {params.shape}. Received: "
                          f"x.shape={x.shape}")
-    orig = np.ascontiguousarray(x[0])
-    offtab, offstart = _block_offsets(*params.shape)
-    _local_shuffle_kernel(orig, out[0], params.n_blocks, np.uint64(params.seed), offtab,
-                          offstart)
+    if out[0].flags.c_contiguous:
+        _shuffle_blocks(np.ascontiguousarray(x[0]), out[0], params)
+    else:  # the kernel works on flat views
+        tmp = np.ascontiguousarray(out[0])
+        _shuffle_blocks(np.ascontiguousarray(x[0]), tmp, params)
+        out[0] = tmp
     return out
+
+
+def _shuffle_blocks(orig: np.ndarray, out: np.ndarray, params: LocalShuffleParams) -> None:
+    # orig, out: C-contiguous (R, C, D), out holding a copy of orig.
+    offtab, offstart = _block_offsets(*params.shape)
+    _local_shuffle_kernel(orig, out, params.n_blocks, np.uint64(params.seed), offtab, offstart)
 
 
 def local_pixel_shuffling(x: np.ndarray, prob: float = 0.5, *,
@@ -1097,33 +1149,6 @@ def _uniform_fill_kernel(flat, seed, bits):
             flat[i] = np.float64(z >> np.uint64(11)) * scale
 
 
-@njit(cache=True, nogil=True)
-def _out_paint_kernel(x, seed, bits, blocks, scratch):
-    """Out-paint x (R, C, D) in place: the blocks' voxels are saved to scratch, x is filled
-    with the noise _uniform_fill_kernel(x, seed, bits) draws, and the blocks are put back.
-    Equals apply_out_painting with that noise, without a noise cube or whole-cube copies."""
-    R, C, D = x.shape
-    k = 0
-    for r in range(blocks.shape[0]):
-        nx, ny, nz, bx, by, bz = blocks[r, 0], blocks[r, 1], blocks[r, 2], blocks[r, 3], \
-            blocks[r, 4], blocks[r, 5]
-        for a in range(nx, nx + bx):
-            for b in range(ny, ny + by):
-                for c in range(nz, nz + bz):
-                    scratch[k] = x[a, b, c]
-                    k += 1
-    _uniform_fill_kernel(x.reshape(-1), seed, bits)
-    k = 0
-    for r in range(blocks.shape[0]):
-        nx, ny, nz, bx, by, bz = blocks[r, 0], blocks[r, 1], blocks[r, 2], blocks[r, 3], \
-            blocks[r, 4], blocks[r, 5]
-        for a in range(nx, nx + bx):
-            for b in range(ny, ny + by):
-                for c in range(nz, nz + bz):
-                    x[a, b, c] = scratch[k]
-                    k += 1
-
-
 def uniform_fill(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Fill `out` (float32 or float64, C-contiguous) with uniform [0, 1) noise and return it.
 
@@ -1197,21 +1222,13 @@ def draw_out_painting_params(shape: Sequence[int], *,
     elif noise_out.shape != (R, C, D) or noise_out.dtype != dtype:
         raise ValueError(f"Expected noise_out of shape {(R, C, D)} and dtype {dtype}. "
                          f"Received: {noise_out.shape}, {noise_out.dtype}")
-    seed, blocks = _draw_out_painting_plan(R, C, D, rng)
-    _uniform_fill_kernel(noise_out.reshape(-1), seed, 24 if dtype == np.float32 else 53)
-    return PaintParams(blocks, noise_out)
-
-
-def _draw_out_painting_plan(R: int, C: int, D: int, rng: np.random.Generator
-                            ) -> tuple[np.uint64, np.ndarray]:
-    # The noise seed (as uniform_fill draws it), then the kept blocks.
-    seed = np.uint64(rng.integers(0, 2**63, dtype=np.uint64))
+    noise = uniform_fill(noise_out, rng)
     blocks = [_draw_outpaint_block(rng, R, C, D)]
     for _ in range(4):
         if not rng.random() < PAINT_CONTINUE_PROB:
             break
         blocks.append(_draw_outpaint_block(rng, R, C, D))
-    return seed, np.array(blocks, np.int64).reshape(-1, 6)
+    return PaintParams(np.array(blocks, np.int64).reshape(-1, 6), noise)
 
 
 def apply_out_painting(x: np.ndarray, params: PaintParams,
@@ -1284,12 +1301,20 @@ def corrupt_into(y: np.ndarray, x: np.ndarray, rates: dict[str, float],
     flipped) target and `x` (same shape, separate memory) its corrupted input: flip (x and y
     together, flip_rate), local shuffle (local_rate), non-linear (nonlinear_rate), then with
     paint_rate: in-painting with inpaint_rate, else out-painting. Values are not re-checked.
+    Both must be C-contiguous (as the cubes of a batch are).
     """
+    if not (y.flags.c_contiguous and x.flags.c_contiguous):
+        raise ValueError("Expected C-contiguous cubes y and x. Received: a strided view")
     axes = draw_flip_params(rates["flip_rate"], rng=rng)
+    # x receives a copy of the (flipped) target: flipping through x needs no temporary.
     if axes:
-        y[...] = apply_flip(y, axes)  # numpy buffers overlapping assignments
+        x[...] = apply_flip(y, axes)
+        y[...] = x
+    else:
+        x[...] = y
     shuffle = draw_local_shuffle_params(y.shape, rates["local_rate"], rng=rng)
-    apply_local_pixel_shuffling(y, shuffle, out=x)
+    if shuffle is not None:  # as apply_local_pixel_shuffling(y, shuffle, out=x)
+        _shuffle_blocks(y[0], x[0], shuffle)
     mapping = draw_nonlinear_params(rates["nonlinear_rate"], rng=rng)
     if mapping is not None:
         apply_nonlinear_transformation(x, mapping, out=x)
@@ -1297,13 +1322,15 @@ def corrupt_into(y: np.ndarray, x: np.ndarray, rates: dict[str, float],
         if rng.random() < rates["inpaint_rate"]:
             apply_in_painting(x, draw_in_painting_params(x.shape, rng=rng, dtype=x.dtype))
         else:
-            # As apply_out_painting(x, draw_out_painting_params(...)) (same draws, same
-            # values), in one pass over x without materialising the noise cube.
-            seed, blocks = _draw_out_painting_plan(*_spatial(x.shape), rng)
-            kept = int(np.prod(blocks[:, 3:], axis=1).sum())
-            scratch = _WS.get("outpaint_" + x.dtype.name, kept, x.dtype)
-            _out_paint_kernel(x[0], seed, 24 if x.dtype == np.float32 else 53, blocks,
-                              scratch)
+            # The noise goes into a reused scratch cube, then the kept blocks are copied
+            # into it and it into x: as apply_out_painting, without fresh allocations.
+            noise = _WS.get("noise_" + x.dtype.name, x.size, x.dtype).reshape(x.shape[1:])
+            params = draw_out_painting_params(x.shape, rng=rng, dtype=x.dtype,
+                                              noise_out=noise)
+            for nx, ny, nz, bx, by, bz in params.blocks:
+                sl = (slice(nx, nx + bx), slice(ny, ny + by), slice(nz, nz + bz))
+                noise[sl] = x[0][sl]
+            x[0] = noise
 
 
 def pair_sample_image(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -131,6 +131,54 @@ def test_nonlinear_apply_equals_np_interp(make):
         assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
 
 
+def test_curve_certificate():
+    rng = np.random.default_rng(20)
+    for _ in range(200):  # drawn curves are certified (the on-demand path is the normal one)
+        params = T.draw_nonlinear_params(1.0, rng=rng)
+        assert T._curve_certified(np.array(params.points), params.invert)
+    flat = np.array([(0, 0), (1, 0.3), (0, 0.6), (1, 1)], float)  # x' = 0 at s = 1/2
+    assert not T._curve_certified(flat, True)
+    assert T._curve_certified(flat[:, ::-1].copy(), True)  # only x matters when inverting
+    assert not T._curve_certified(flat[:, ::-1].copy(), False)
+    assert not T._curve_certified(np.array([(0, 0), (1.5, 0.5), (0.5, 0.5), (1, 1)]), True)
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_nonlinear_apply_uncertified_curve_equals_np_interp(invert):
+    # An (almost) flat curve takes the path that writes all knots and sorts when needed.
+    params = T.NonlinearParams(((0, 0), (1 - 1e-9, 0.3), (1e-9, 0.6), (1, 1)), invert)
+    assert not T._curve_certified(np.array(params.points), invert)
+    x = ct_like((32, 32, 16), seed=21)
+    xp, fp = T.nonlinear_knots(params)
+    np.testing.assert_array_equal(T.apply_nonlinear_transformation(x, params),
+                                  np.interp(x, xp, fp).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nonlinear_on_demand_path_edge_values(dtype):
+    # apply_* does not validate: NaN, infinities, values outside [0, 1], the knots' ends and
+    # -0.0 still give np.interp's values; float64 cubes use the wider cache rows; a cube
+    # whose distinct values pile up after the first checkpoint hands over to the passes.
+    rng = np.random.default_rng(22)
+    special = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, -0.5, 1.5, 1e-30], dtype)
+    ct = ct_like((16, 16, 16), seed=22).astype(dtype).ravel()
+    noisy = rng.random(40000).astype(dtype)
+    for x in (np.concatenate([special, ct]), np.concatenate([ct[:3000], noisy])):
+        for _ in range(3):
+            params = T.draw_nonlinear_params(1.0, rng=rng)
+            xp, fp = T.nonlinear_knots(params)
+            out = T.apply_nonlinear_transformation(x, params)
+            np.testing.assert_array_equal(out, np.interp(x, xp, fp).astype(dtype))
+    # the value cache is per dtype and per call: alternate dtypes and curves on one cube
+    x32 = ct_like((16, 16, 16), seed=23)
+    for k in range(4):
+        params = T.draw_nonlinear_params(1.0, rng=rng)
+        xp, fp = T.nonlinear_knots(params)
+        x = x32 if k % 2 else x32.astype(np.float64)
+        np.testing.assert_array_equal(T.apply_nonlinear_transformation(x, params),
+                                      np.interp(x, xp, fp).astype(x.dtype))
+
+
 def test_nonlinear_inverts_half_of_the_time():
     rng = np.random.default_rng(4)
     x = np.linspace(0, 1, 1000, dtype=np.float32).reshape(1, 10, 10, 10)
@@ -179,6 +227,32 @@ def test_local_shuffle_equals_loop_over_same_blocks(shape):
     assert not np.array_equal(fast, x)
     # Sources come from the untouched input, so values move (or repeat) but none is new.
     assert np.all(np.isin(fast, x))
+
+
+def test_local_shuffle_block_offset_table():
+    offtab, offstart = T._block_offsets(23, 31, 12)
+    # block (2, 3, 1) of a (23, 31, 12) cube: rows of 1 voxel, 12 apart in y, 372 in x
+    s = offstart[((2 - 1) * 3 + (3 - 1)) * 1 + 0]
+    assert list(offtab[s:s + 6]) == [0, 12, 24, 372, 384, 396]
+    assert offtab.size == (1 + 2) * (1 + 2 + 3) * 1
+
+
+def test_local_shuffle_without_offset_table_and_strided_out(monkeypatch):
+    # Very large cubes compute the block offsets per block instead of tabulating them.
+    x = cube((23, 31, 12), seed=24)
+    params = T.draw_local_shuffle_params(x.shape, 1.0, rng=np.random.default_rng(24))
+    blocks, perms = T.local_shuffle_plan(params)
+    expect = local_shuffle_loop(x, blocks, perms)
+    monkeypatch.setattr(T, "_OFFSET_TABLE_MAX", 0)
+    T._block_offsets.cache_clear()
+    try:
+        assert T._block_offsets(23, 31, 12)[0].size == 0
+        np.testing.assert_array_equal(T.apply_local_pixel_shuffling(x, params), expect)
+    finally:
+        T._block_offsets.cache_clear()
+    out = np.zeros((1, 23, 31, 24), np.float32)[..., ::2]  # a strided out
+    T.apply_local_pixel_shuffling(x, params, out=out)
+    np.testing.assert_array_equal(out, expect)
 
 
 def test_local_shuffle_one_block_known_output():
@@ -391,6 +465,20 @@ def test_shape_dtype_range_and_seeding(name, dtype):
 def test_bad_cubes_raise(name, bad, match):
     with pytest.raises(ValueError, match=match):
         ALL[name](bad, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_check_values_bit_test(dtype):
+    # The fast check compares the floats' bits; the edges of [0, 1] decide.
+    tiny = np.finfo(dtype).smallest_subnormal
+    for good in ([0.0, 1.0], [-0.0, 0.5], [tiny, 1.0]):
+        T.check_values(np.array(good, dtype))
+    for bad, match in (([np.nextafter(dtype(1), dtype(2))], "max="), ([-tiny], "min="),
+                       ([0.5, np.nan], "NaN"), ([np.inf], "max=inf"), ([-np.inf], "min=-inf")):
+        with pytest.raises(ValueError, match=match):
+            T.check_values(np.array(bad, dtype))
+    with pytest.raises(ValueError, match="max=2"):  # strided arrays take the numpy path
+        T.check_values(np.array([0.5, 0.0, 2.0], dtype)[::2])
 
 
 @pytest.mark.parametrize("prob", [-0.1, 1.5, float("nan"), "a"])

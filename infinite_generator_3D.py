@@ -688,24 +688,21 @@ def output_path(save: str, scale: int, rows: int, cols: int, deps: int, fold: in
 # Command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"Expected a positive integer. Received: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"Expected a positive integer. Received: {value}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, with a clear message otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"Expected {what}. Received: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"Expected {what}. Received: {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"Expected an integer >= 0. Received: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"Expected an integer >= 0. Received: {value}")
-    return value
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

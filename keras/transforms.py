@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import mmap
 import os
 import string
 import sys
@@ -1444,6 +1445,14 @@ def load_cubes(path: str) -> np.ndarray:
         a = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise ValueError(f"Expected a .npy file of cubes. Received: {path} ({e})") from None
+    # Batches pick cubes at random: tell the kernel not to read ahead around each one, which
+    # would fill the page cache (and the process' resident size) with cubes no batch asked for.
+    mm = getattr(a, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mm.madvise(mmap.MADV_RANDOM)
+        except OSError:
+            pass  # only a hint
     if a.ndim == 4:
         a = a[:, None]
     if a.ndim != 5 or a.shape[1] != 1:

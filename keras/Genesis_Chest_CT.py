@@ -425,8 +425,11 @@ def make_callbacks_module():
             elif self.verbose:
                 print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {self.best:.5f}")
 
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        """EarlyStopping whose counters can be restored after `on_train_begin` resets them."""
+    class _RestorableCounters:
+        """Mixin for a Keras callback whose `best` and integer counters (`_counters`) are put
+        back after `on_train_begin` resets them, and read by `get_state` for the checkpoint."""
+
+        _counters: tuple = ()
 
         def __init__(self, *args, restore: Optional[dict] = None, **kwargs):
             super().__init__(*args, **kwargs)
@@ -435,31 +438,24 @@ def make_callbacks_module():
         def on_train_begin(self, logs=None):
             super().on_train_begin(logs)
             if self._restore:
-                self.wait = int(self._restore["wait"])
                 self.best = self._restore["best"]
-                self.best_epoch = int(self._restore.get("best_epoch", 0))
+                for name in self._counters:
+                    setattr(self, name, int(self._restore[name]))
 
         def get_state(self) -> dict:
-            return {"wait": int(self.wait), "best": _float_or_none(self.best),
-                    "best_epoch": int(getattr(self, "best_epoch", 0))}
+            state = {"best": _float_or_none(self.best)}
+            state.update({name: int(getattr(self, name)) for name in self._counters})
+            return state
 
-    class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
-        """ReduceLROnPlateau whose counters can be restored after `on_train_begin`."""
+    class ResumableEarlyStopping(_RestorableCounters, keras.callbacks.EarlyStopping):
+        """EarlyStopping whose counters survive --resume."""
 
-        def __init__(self, *args, restore: Optional[dict] = None, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._restore = restore
+        _counters = ("wait", "best_epoch")
 
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            if self._restore:
-                self.wait = int(self._restore["wait"])
-                self.best = self._restore["best"]
-                self.cooldown_counter = int(self._restore["cooldown_counter"])
+    class ResumableReduceLROnPlateau(_RestorableCounters, keras.callbacks.ReduceLROnPlateau):
+        """ReduceLROnPlateau whose counters survive --resume."""
 
-        def get_state(self) -> dict:
-            return {"wait": int(self.wait), "best": _float_or_none(self.best),
-                    "cooldown_counter": int(self.cooldown_counter)}
+        _counters = ("wait", "cooldown_counter")
 
     class LastEpochCheckpoint(keras.callbacks.Callback):
         """After every epoch, save what --resume needs. Must come last in the callback list,

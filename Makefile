@@ -19,10 +19,12 @@ $(TEST_STAMP): requirements.txt requirements-test.txt | $(VENV)/bin/python
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $(RUNTIME_STAMP) $@
 
-# Everything on TensorFlow (the default backend), then the backend-agnostic tests again on JAX.
+# Everything on TensorFlow (the default backend), then the backend-agnostic tests again on JAX
+# and on PyTorch.
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q -rs tests
 	KERAS_BACKEND=jax $(PY) -m pytest -q -rs -m multibackend tests
+	KERAS_BACKEND=torch $(PY) -m pytest -q -rs -m multibackend tests
 
 DEMO_DIR := demo_output
 demo: $(RUNTIME_STAMP)

@@ -54,7 +54,8 @@ example (all ten LUNA16 folds):
 
 Writes {save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy, e.g. generated_cubes/bat_32_s_64x64x32_0.npy:
 float32 (N, rows, cols, deps), values in [0, 1] (HU clipped to [-1000, 1000], then scaled).
-Exit status: 0 when a cube file was written, 1 when nothing usable was found, 2 for bad flags.
+Exit status: 0 when a cube file was written, 1 when nothing usable was found, 2 for bad flags,
+130 after Ctrl-C and 143 after SIGTERM (then nothing is written).
 """
 
 
@@ -356,18 +357,18 @@ def list_volumes(fold_dir: str) -> list[str]:
     return found
 
 
-def _nifti_expected_size(header: bytes) -> int | None:
-    """Bytes a NIfTI-1/2 file holds before compression (vox_offset + voxel data), or None."""
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
+    """Parse a NIfTI-1/2 header: ``(byte order, datatype, bitpix, vox_offset, voxel count)``, or None."""
     import struct
 
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             vox_offset = struct.unpack(order + "f", header[108:112])[0]
         elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             vox_offset = struct.unpack(order + "q", header[168:176])[0]
         else:
             continue
@@ -377,8 +378,51 @@ def _nifti_expected_size(header: bytes) -> int | None:
         count = 1
         for d in dims[1:ndim + 1]:
             count *= max(int(d), 1)
-        return int(vox_offset) + count * bitpix // 8
+        return order, int(datatype), int(bitpix), int(vox_offset), count
     return None
+
+
+def _nifti_expected_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file holds before compression (vox_offset + voxel data), or None."""
+    layout = _nifti_layout(header)
+    if layout is None:
+        return None
+    _, _, bitpix, vox_offset, count = layout
+    return vox_offset + count * bitpix // 8
+
+
+# NIfTI datatype codes of real floating-point voxels: FLOAT32, FLOAT64.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_finite(path: str) -> None:
+    """Raise VolumeError when a floating-point NIfTI file holds NaN or infinite voxels.
+
+    ITK reads such voxels as 0 (tissue, to the air test) without a word, so the file's own
+    bytes are scanned. Integer files (CT as LUNA16 and scanners store it) are not scanned.
+    """
+    import gzip
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        layout = _nifti_layout(f.read(540))
+        if layout is None or layout[1] not in _NIFTI_FLOAT_TYPES:
+            return
+        order, datatype, _, vox_offset, count = layout
+        dtype = np.dtype(order + _NIFTI_FLOAT_TYPES[datatype])
+        f.seek(vox_offset)
+        bad = 0
+        left = count * dtype.itemsize
+        while left > 0:
+            chunk = f.read(min(left, 1 << 24))
+            usable = len(chunk) - len(chunk) % dtype.itemsize
+            if usable == 0:
+                break
+            values = np.frombuffer(chunk[:usable], dtype=dtype)
+            bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+            left -= usable
+    if bad:
+        raise VolumeError(f"Expected finite HU values. Received: {bad} NaN or infinite voxels")
 
 
 def _check_nifti_complete(path: str) -> None:
@@ -423,29 +467,44 @@ def _check_nifti_complete(path: str) -> None:
 
 
 def _mhd_hint(path: str) -> str:
-    """For a .mhd whose data file is missing or short, a phrase saying so; else ''."""
+    """For a MetaImage (.mhd or .mha) whose data are missing or short, a phrase saying so; else ''.
+
+    ITK's own complaint about a short MetaImage is misleading ("No such file or directory").
+    """
     try:
         fields = {}
-        with open(path, "r", errors="replace") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            for raw_line in f:
+                line = raw_line.decode("latin-1")
                 if "=" in line:
                     key, value = line.split("=", 1)
                     fields[key.strip()] = value.strip()
                 if line.startswith("ElementDataFile"):  # the header's last field; binary data may follow
+                    header_bytes = f.tell()
                     break
+            else:
+                return ""
         data_name = fields.get("ElementDataFile", "")
-        if data_name in ("", "LOCAL", "LIST") or data_name.startswith("LIST"):
+        if data_name in ("", "LIST") or data_name.startswith("LIST") or "%" in data_name:
             return ""
-        data_path = os.path.join(os.path.dirname(path), data_name)
-        if not os.path.exists(data_path):
-            return f"data file {data_name} not found"
-        sizes = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-                 "MET_UINT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-        if fields.get("CompressedData", "False").lower() != "true" and fields.get("ElementType") in sizes:
-            expected = math.prod(int(s) for s in fields["DimSize"].split()) * sizes[fields["ElementType"]]
-            actual = os.path.getsize(data_path)
-            if actual < expected:
-                return f"data file {data_name} holds {actual} bytes, expected {expected} (truncated?)"
+        if data_name == "LOCAL":  # .mha: the data follow the header in the same file
+            data_path, offset, where = path, header_bytes, os.path.basename(path)
+        else:
+            data_path, offset, where = os.path.join(os.path.dirname(path), data_name), 0, f"data file {data_name}"
+            if not os.path.exists(data_path):
+                return f"{where} not found"
+        actual = os.path.getsize(data_path) - offset
+        if fields.get("CompressedData", "False").lower() == "true":
+            expected = int(fields.get("CompressedDataSize", 0) or 0)  # 0: unknown, not checked
+        else:
+            sizes = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                     "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+            if fields.get("ElementType") not in sizes:
+                return ""
+            channels = int(fields.get("ElementNumberOfChannels", 1))
+            expected = math.prod(int(s) for s in fields["DimSize"].split()) * sizes[fields["ElementType"]] * channels
+        if actual < expected:
+            return f"{where} holds {actual} bytes of image data, expected {expected} (truncated?)"
     except (OSError, ValueError, KeyError):
         pass
     return ""
@@ -462,6 +521,35 @@ def _itk_reason(exc: BaseException) -> str:
             line = line.split("): ", 1)[-1] if "): " in line else line.split(": ", 1)[-1]
         lines.append(line)
     return "; ".join(lines[:3]) or type(exc).__name__
+
+
+def _check_dicom_leftovers(folder: str, in_series: set[str]) -> None:
+    """Raise VolumeError when a DICOM file of the folder belongs to no series because it cannot be read.
+
+    GDCM leaves a truncated or damaged slice out of the series without a word, and ITK then
+    stacks the others as if nothing were missing. Files that are not DICOM (no ``DICM`` marker),
+    DICOMDIR, and readable DICOM objects that are not image slices are ignored.
+    """
+    import SimpleITK as sitk
+
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if name in in_series or name.startswith(".") or name.upper() == "DICOMDIR" or not os.path.isfile(full):
+            continue
+        try:
+            with open(full, "rb") as f:
+                is_dicom = f.read(132)[128:] == b"DICM"
+        except OSError:
+            is_dicom = False
+        if not is_dicom:
+            continue
+        info = sitk.ImageFileReader()
+        info.SetFileName(full)
+        try:
+            info.ReadImageInformation()
+        except RuntimeError:
+            raise VolumeError(f"cannot read: DICOM file {name} in this folder is unreadable or truncated "
+                              f"(left out of the series, the volume would miss a slice)") from None
 
 
 def read_volume(path: str) -> np.ndarray:
@@ -490,16 +578,21 @@ def read_volume(path: str) -> np.ndarray:
                                       f"files ({inner[0]}, ...): volumes must sit directly in subset{{fold}}/")
                 raise VolumeError("no DICOM series found in this folder")
             # Several series in one folder: only the first (in GDCM's order) is read.
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, series[0]))
+            files = reader.GetGDCMSeriesFileNames(path, series[0])
+            in_series = {os.path.basename(f) for s in series[1:] for f in reader.GetGDCMSeriesFileNames(path, s)}
+            _check_dicom_leftovers(path, in_series | {os.path.basename(f) for f in files})
+            reader.SetFileNames(files)
             image = reader.Execute()
         else:
             _check_nifti_complete(path)
-            hint = _mhd_hint(path) if path.lower().endswith(".mhd") else ""
+            if path.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_finite(path)
+            hint = _mhd_hint(path) if path.lower().endswith((".mhd", ".mha")) else ""
             if hint:  # say it plainly, before ITK prints its own less helpful complaint
                 raise VolumeError(f"cannot read: {hint}")
             image = sitk.ReadImage(path)
     except RuntimeError as exc:
-        hint = _mhd_hint(path) if path.lower().endswith(".mhd") else ""
+        hint = _mhd_hint(path) if path.lower().endswith((".mhd", ".mha")) else ""
         raise VolumeError(f"cannot read: {hint or _itk_reason(exc)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components")
@@ -527,6 +620,13 @@ def iter_volumes(paths: Sequence[str], workers: int) -> Iterator[tuple[str, np.n
 
     With ``workers > 0``, that many threads read the next volumes while the caller samples the
     current one (SimpleITK releases the GIL while reading); the order never changes.
+
+    Args:
+        paths: volume files or DICOM folders, in the order wanted.
+        workers: reading threads (0: read in the caller's thread).
+
+    Returns:
+        An iterator over ``(path, array in (x, y, z) order or None, reason or None)``.
     """
     if workers <= 0:
         for path in paths:
@@ -740,9 +840,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_to_exit() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, a scheduler's time limit) raise SystemExit(143) in the main thread.
+
+    The exception unwinds like Ctrl-C does, so a half-written temporary file is removed. Returns
+    a function restoring the previous handler (a no-op outside the main thread).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the extraction for one fold; return the exit status."""
+    """Run the extraction for one fold.
+
+    Args:
+        argv: the command-line arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 when the cube file was written, 1 when nothing usable was found,
+        130 after Ctrl-C (bad flags exit with 2 from argparse; SIGTERM with 143).
+    """
     args = build_parser().parse_args(argv)
+    restore_sigterm = _sigterm_to_exit()
+    try:
+        return _run(args)
+    finally:
+        restore_sigterm()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The body of main, once the flags are parsed."""
     start = time.perf_counter()
 
     def fail(message: str) -> int:

@@ -8,7 +8,8 @@ loop and `np.random.permutation`, builds the 100,000-point Bezier curve with `ma
 powers, sorts it and calls `np.interp`, and draws float64 noise, as the original did.
 
 The one-core numbers pin this process to one CPU (`os.sched_setaffinity`) after the
-multi-worker PyDataset measurement, which uses two cores.
+multi-worker PyDataset measurement, which uses two cores. The fast and loop versions are timed
+in interleaved slices (--rounds), so that on a shared machine both see the same load.
 
 example: .venv/bin/python benchmarks/bench_transforms.py --pairs 3000 --loop-pairs 60
 """
@@ -165,13 +166,20 @@ def load_cubes(n: int, seed: int) -> tuple[np.ndarray, str]:
 
 # ------------------------------------------------------------------------------ timing
 
-def pairs_per_s(gen, pairs: int, batch: int) -> float:
-    next(gen)  # warm-up (numba kernels are compiled or loaded from cache here)
-    n_batches = max(1, pairs // batch)
-    t0 = time.perf_counter()
-    for _ in range(n_batches):
-        next(gen)
-    return n_batches * batch / (time.perf_counter() - t0)
+def pairs_per_s(gens: list, pairs: list[int], batch: int, rounds: int) -> list[float]:
+    """Pairs per second of each generator, timed in `rounds` interleaved slices (fast, loop,
+    fast, loop...) so that both see the same load on a shared machine."""
+    for gen in gens:
+        next(gen)  # warm-up (numba kernels are compiled or loaded from cache here)
+    per_round = [max(1, p // batch // rounds) for p in pairs]
+    spent = [0.0] * len(gens)
+    for _ in range(rounds):
+        for k, gen in enumerate(gens):
+            t0 = time.perf_counter()
+            for _ in range(per_round[k]):
+                next(gen)
+            spent[k] += time.perf_counter() - t0
+    return [n * rounds * batch / t for n, t in zip(per_round, spent)]
 
 
 def per_transform_ms(img: np.ndarray, reps: int, rng: np.random.Generator) -> dict:
@@ -234,6 +242,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=1800, help="pairs timed, fast version")
     parser.add_argument("--loop-pairs", type=int, default=36, help="pairs timed, loop version")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="interleaved timing slices of the fast and loop versions")
     parser.add_argument("--cubes", type=int, default=32, help="distinct cubes to draw from")
     parser.add_argument("--steps", type=int, default=60, help="PyDataset batches per epoch")
     parser.add_argument("--reps", type=int, default=100, help="repeats per transform timing")
@@ -255,10 +265,9 @@ def main(argv=None) -> int:
     # One core from here on: numba kernels are single-threaded; pin BLAS/numpy too.
     os.sched_setaffinity(0, {cpus[0]})
     cfg = SimpleNamespace(save_samples=None, **RATES)
-    fast = pairs_per_s(T.generate_pair(img, batch, cfg, rng=np.random.default_rng(1)),
-                       args.pairs, batch)
-    loop = pairs_per_s(loop_generate_pair(img, batch, np.random.default_rng(1)),
-                       args.loop_pairs, batch)
+    fast, loop = pairs_per_s([T.generate_pair(img, batch, cfg, rng=np.random.default_rng(1)),
+                              loop_generate_pair(img, batch, np.random.default_rng(1))],
+                             [args.pairs, args.loop_pairs], batch, args.rounds)
     results.update(fast_pairs_per_s_one_core=round(fast, 1),
                    loop_pairs_per_s_one_core=round(loop, 2), speedup=round(fast / loop, 1))
     results["per_transform_one_core"] = per_transform_ms(img, args.reps,
@@ -267,9 +276,17 @@ def main(argv=None) -> int:
     print(f"one core, pairs/s: fast {fast:.1f}  loop {loop:.2f}  speed-up {fast / loop:.1f}x")
     for name, r in results["per_transform_one_core"].items():
         print(f"  {name:13s} fast {r['fast_ms']:7.3f} ms  loop {r['loop_ms']:8.2f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    if args.json:  # atomically: a temp file in the same folder, then rename
+        folder = os.path.dirname(os.path.abspath(args.json))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(results, f, indent=1)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+            os.replace(tmp, args.json)
+        except BaseException:
+            os.remove(tmp)
+            raise
     return 0
 
 

@@ -685,7 +685,15 @@ def draw_flip_params(prob: float = 0.5, *, rng: Optional[np.random.Generator] = 
 
 
 def apply_flip(x: np.ndarray, axes: Sequence[int]) -> np.ndarray:
-    """Flip `x` along each axis of `axes` in turn. Returns a view; `x` is not modified."""
+    """Flip `x` along each axis of `axes` in turn. Not in place: `x` is not modified.
+
+    Args:
+        x: array to flip (a cube (1, R, C, D) in the transforms).
+        axes: axes from draw_flip_params, applied in order.
+
+    Returns:
+        A flipped view of `x` (`x` itself when axes is empty).
+    """
     for a in axes:
         x = np.flip(x, axis=a)
     return x
@@ -938,8 +946,20 @@ def local_shuffle_plan(params: LocalShuffleParams) -> tuple[np.ndarray, np.ndarr
 
 def apply_local_pixel_shuffling(x: np.ndarray, params: Optional[LocalShuffleParams],
                                 out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Apply a drawn local shuffle to cube `x` (1, R, C, D). Not in place: returns a new array
-    (or `out`, which must not be `x`). params None returns a copy of x."""
+    """Apply a drawn local shuffle to cube `x` (1, R, C, D); draws nothing.
+
+    Not in place: returns a new array (or `out`, which must not share memory with `x`).
+    Equals a loop over `local_shuffle_plan(params)`: each block read from the untouched `x`,
+    permuted, written to the output, later blocks winning where they overlap.
+
+    Args:
+        x: cube (1, R, C, D) of the shape params was drawn for.
+        params: from draw_local_shuffle_params; None returns a copy of x.
+        out: optional output array of x's shape and dtype.
+
+    Returns:
+        The shuffled cube (`out` if given).
+    """
     if out is None:
         out = np.empty(x.shape, x.dtype)  # a plain array even for a memmap x
     if np.may_share_memory(out, x):
@@ -970,7 +990,9 @@ def local_pixel_shuffling(x: np.ndarray, prob: float = 0.5, *,
                           rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Shuffle the voxels inside 10,000 small random blocks, with probability `prob`.
 
-    Not in place (like the original): returns a new array; `x` is unchanged.
+    Not in place (like the original): returns a new array; `x` is unchanged. On a
+    64x64x32 cube of distinct values a shuffle changes 78.5% of the voxels on average (82%
+    lie in at least one block; a block can leave a voxel where it was).
 
     Args:
         x: cube (1, R, C, D), values in [0, 1], every dimension >= 10.
@@ -1002,6 +1024,13 @@ def draw_nonlinear_params(prob: float = 0.5, *, rng: Optional[np.random.Generato
 
     p1..p4 are four random() draws in order; the mapping inverts intensities when a fifth
     random() < 0.5 (then only xvals are sorted).
+
+    Args:
+        prob: probability of transforming.
+        rng: numpy Generator.
+
+    Returns:
+        NonlinearParams, or None when the cube is left alone.
     """
     prob = check_prob(prob, "prob")
     rng = _rng(rng)
@@ -1026,8 +1055,16 @@ def _knots_into(params: NonlinearParams, n_times: int, xp: np.ndarray, fp: np.nd
 
 def nonlinear_knots(params: NonlinearParams, nTimes: int = NONLINEAR_NTIMES
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The (xp, fp) knots of the mapping, from xvals, yvals = bezier_curve(points, nTimes):
-    xp = np.sort(xvals); fp = yvals if params.invert else np.sort(yvals)."""
+    """The knots of a drawn non-linear mapping (the original's inversion rule).
+
+    Args:
+        params: from draw_nonlinear_params.
+        nTimes: points on the Bezier curve (the original's 100,000).
+
+    Returns:
+        (xp, fp) float64 arrays of length nTimes, from xvals, yvals = bezier_curve(points,
+        nTimes): xp = np.sort(xvals); fp = yvals if params.invert else np.sort(yvals).
+    """
     xp = np.empty(nTimes + 1)
     fp = np.empty(nTimes)
     _knots_into(params, nTimes, xp, fp)
@@ -1039,8 +1076,15 @@ def apply_nonlinear_transformation(x: np.ndarray, params: Optional[NonlinearPara
     """Map intensities through the drawn curve: equals np.interp(x, xp, fp) cast to x's dtype,
     with (xp, fp) = nonlinear_knots(params).
 
-    Not in place unless `out` is `x` (allowed: the mapping is elementwise). params None
-    returns a copy of x (or x copied into out).
+    Not in place unless `out` is `x` (allowed: the mapping is elementwise). Draws nothing.
+
+    Args:
+        x: cube (any shape), float32 or float64.
+        params: from draw_nonlinear_params; None returns a copy of x (or x copied into out).
+        out: optional C-contiguous output of x's shape and dtype (may be x).
+
+    Returns:
+        The mapped cube, x's shape and dtype (`out` if given).
     """
     xc = np.ascontiguousarray(x)
     if out is None:
@@ -1167,6 +1211,14 @@ def draw_in_painting_params(shape: Sequence[int], *, rng: Optional[np.random.Gen
                             dtype: Any = np.float32) -> PaintParams:
     """Draw in-painting: up to 5 times, while random() < 0.95, a block of size
     randint(dim // 6, dim // 3) at corner randint(3, dim - b - 3), and its uniform [0, 1) noise.
+
+    Args:
+        shape: cube shape; the last three entries are (R, C, D).
+        rng: numpy Generator.
+        dtype: float32 or float64, the noise's dtype (the cube's).
+
+    Returns:
+        PaintParams with 0 to 5 blocks and one noise array per block.
     """
     rng = _rng(rng)
     R, C, D = _spatial(shape)
@@ -1182,7 +1234,17 @@ def draw_in_painting_params(shape: Sequence[int], *, rng: Optional[np.random.Gen
 
 
 def apply_in_painting(x: np.ndarray, params: PaintParams) -> np.ndarray:
-    """Fill each drawn block of cube `x` (1, R, C, D) with its noise. IN PLACE; returns x."""
+    """Fill each drawn block of cube `x` (1, R, C, D) with its noise; draws nothing.
+
+    IN PLACE, like the original in-painting.
+
+    Args:
+        x: writable cube (1, R, C, D).
+        params: from draw_in_painting_params.
+
+    Returns:
+        x.
+    """
     for (nx, ny, nz, bx, by, bz), n in zip(params.blocks, params.noise):
         x[0, nx:nx + bx, ny:ny + by, nz:nz + bz] = n
     return x
@@ -1192,7 +1254,8 @@ def image_in_painting(x: np.ndarray, *, rng: Optional[np.random.Generator] = Non
                       ) -> np.ndarray:
     """Replace up to 5 random inner blocks with uniform noise.
 
-    IN PLACE, like the original: `x` itself is modified and returned.
+    IN PLACE, like the original: `x` itself is modified and returned. On a 64x64x32 cube
+    the noise covers 5.5% of the voxels on average.
 
     Args:
         x: cube (1, R, C, D), values in [0, 1].
@@ -1214,7 +1277,17 @@ def draw_out_painting_params(shape: Sequence[int], *,
                              noise_out: Optional[np.ndarray] = None) -> PaintParams:
     """Draw out-painting: noise for the whole cube, then one block of size
     dim - randint(3*dim//7, 4*dim//7) at corner randint(3, dim - b - 3), then up to 4 more
-    while random() < 0.95. `noise_out` (R, C, D) of `dtype` receives the noise if given."""
+    while random() < 0.95.
+
+    Args:
+        shape: cube shape; the last three entries are (R, C, D).
+        rng: numpy Generator.
+        dtype: float32 or float64, the noise's dtype (the cube's).
+        noise_out: optional (R, C, D) array of `dtype` that receives the noise.
+
+    Returns:
+        PaintParams with 1 to 5 blocks and the (R, C, D) noise.
+    """
     rng = _rng(rng)
     R, C, D = _spatial(shape)
     dtype = _noise_dtype(dtype)
@@ -1234,9 +1307,17 @@ def draw_out_painting_params(shape: Sequence[int], *,
 
 def apply_out_painting(x: np.ndarray, params: PaintParams,
                        out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Noise everywhere except the drawn blocks, which keep `x`'s values.
+    """Noise everywhere except the drawn blocks, which keep `x`'s values; draws nothing.
 
     Not in place: returns a new array (or `out`, which must not share memory with `x`).
+
+    Args:
+        x: cube (1, R, C, D).
+        params: from draw_out_painting_params.
+        out: optional output array of x's shape and dtype.
+
+    Returns:
+        The out-painted cube (`out` if given).
     """
     if out is None:
         out = np.empty(x.shape, x.dtype)  # a plain array even for a memmap x
@@ -1254,7 +1335,8 @@ def image_out_painting(x: np.ndarray, *, rng: Optional[np.random.Generator] = No
                        ) -> np.ndarray:
     """Keep 1 to 5 random central blocks of the cube and fill the rest with uniform noise.
 
-    Not in place (like the original): returns a new array; `x` is unchanged.
+    Not in place (like the original): returns a new array; `x` is unchanged. On a
+    64x64x32 cube the noise covers 68.2% of the voxels on average.
 
     Args:
         x: cube (1, R, C, D), values in [0, 1].
@@ -1421,7 +1503,7 @@ def generate_pair(img: np.ndarray, batch_size: int, config: Any, status: str = "
         rng: numpy Generator.
 
     Yields:
-        (x, y): arrays (batch_size, 1, R, C, D) of img's dtype.
+        (x, y): new arrays (batch_size, 1, R, C, D) of img's dtype; `img` is never modified.
     """
     if not isinstance(img, np.ndarray) or img.ndim != 5 or img.shape[1] != 1:
         raise ValueError(f"Expected img of shape (N, 1, R, C, D). Received: img with shape "
@@ -1440,7 +1522,14 @@ def generate_pair(img: np.ndarray, batch_size: int, config: Any, status: str = "
 # --------------------------------------------------------------------------------------------
 
 def load_cubes(path: str) -> np.ndarray:
-    """Memory-map a cube file (N, R, C, D) or (N, 1, R, C, D) and return (N, 1, R, C, D)."""
+    """Memory-map a cube file, read-only, without loading it.
+
+    Args:
+        path: `.npy` file of float32/float64 cubes (N, R, C, D) or (N, 1, R, C, D).
+
+    Returns:
+        A read-only np.memmap of shape (N, 1, R, C, D). Values are not checked here.
+    """
     try:
         a = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
@@ -1465,8 +1554,18 @@ def load_cubes(path: str) -> np.ndarray:
 
 
 def preview(cubes: np.ndarray, n: int = 3, seed: int = 0, zoom: int = 2) -> Any:
-    """A PIL image: one row per cube (n picked at random), columns original, flip, local
-    shuffle, non-linear, in-painting, out-painting; the middle depth slice of each."""
+    """Picture of each transform applied to a few cubes.
+
+    Args:
+        cubes: (N, 1, R, C, D) cubes, values in [0, 1] (e.g. from load_cubes).
+        n: number of cubes (rows), picked at random.
+        seed: seed of every random choice.
+        zoom: pixels per voxel.
+
+    Returns:
+        A greyscale PIL image: one row per cube, columns original, flip, local shuffle,
+        non-linear, in-painting, out-painting; the middle depth slice of each, titled.
+    """
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -1505,6 +1604,7 @@ def preview(cubes: np.ndarray, n: int = 3, seed: int = 0, zoom: int = 2) -> Any:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The preview CLI (see --help). Returns the exit status: 0, or 2 on bad input."""
     parser = argparse.ArgumentParser(
         description="Draw a picture of each Models Genesis transform applied to a few cubes "
                     "(middle depth slice of each).",

@@ -94,7 +94,13 @@ def test_bad_files_raise_clear_errors(tmp_path):
     cases = {}
     p = write(tmp_path / "trunc.mhd", vol)
     _truncate(tmp_path / "trunc.raw")
-    cases[p] = r"cannot read: data file trunc\.raw holds 12000 bytes, expected 24000"
+    cases[p] = r"cannot read: data file trunc\.raw holds 12000 bytes of image data, expected 24000"
+    p = write(tmp_path / "trunc.mha", vol)  # ITK itself says "No such file or directory" here
+    _truncate(p)
+    cases[p] = r"cannot read: trunc\.mha holds \d+ bytes of image data, expected 24000 \(truncated\?\)"
+    p = write(tmp_path / "ztrunc.mha", vol, useCompression=True)
+    _truncate(p)
+    cases[p] = r"cannot read: ztrunc\.mha holds \d+ bytes of image data, expected \d+ \(truncated\?\)"
     p = write(tmp_path / "noraw.mhd", vol)
     (tmp_path / "noraw.raw").unlink()
     cases[p] = r"cannot read: data file noraw\.raw not found"
@@ -110,11 +116,13 @@ def test_bad_files_raise_clear_errors(tmp_path):
     p = write(tmp_path / "trunc.nrrd", vol, useCompression=True)
     _truncate(p)
     cases[p] = r"cannot read: .*nrrd"
-    p = tmp_path / "nan.mha"  # (ITK reads NaN in NIfTI files as 0)
     bad = vol.astype(np.float32)
     bad[3, 4, 5] = np.nan
     bad[0, 0, 0] = np.inf
-    write(p, bad)
+    for name in ("nan.mha", "nan.nrrd", "nan.nii", "nan.nii.gz"):  # ITK reads NIfTI's NaN and inf as 0
+        p = write(tmp_path / name, bad)
+        cases[p] = r"Expected finite HU values\. Received: 2 NaN or infinite voxels"
+    p = write(tmp_path / "nan64.nii.gz", bad.astype(np.float64))
     cases[p] = r"Expected finite HU values\. Received: 2 NaN or infinite voxels"
     p = write(tmp_path / "flat.nii.gz", vol[0])
     cases[p] = r"Expected a 3-D volume\. Received: 2-D image"
@@ -129,6 +137,28 @@ def test_bad_files_raise_clear_errors(tmp_path):
         with pytest.raises(ig.VolumeError, match=pattern):
             ig.read_volume(str(path))
             pytest.fail(f"{path.name} was read without error")
+
+
+def test_finite_float_nifti_is_read(tmp_path):
+    """The NaN scan of float NIfTI files lets clean ones through, values unchanged."""
+    vol = np.random.default_rng(2).normal(-500, 300, size=(9, 8, 7)).astype(np.float32)
+    for name in ("f.nii", "f.nii.gz"):
+        got = ig.read_volume(str(write(tmp_path / name, vol)))
+        assert got.dtype == np.float32 and np.array_equal(got, vol.transpose(2, 1, 0))
+
+
+def test_dicom_folder_with_a_truncated_slice_is_refused(tmp_path, abdomen_dicom_path):
+    """GDCM silently leaves a damaged slice out of the series; the reader names it instead."""
+    import shutil
+
+    folder = tmp_path / "dicom"
+    shutil.copytree(abdomen_dicom_path, folder)
+    (folder / "notes.txt").write_text("not DICOM: ignored")
+    assert ig.read_volume(str(folder)).shape == (512, 512, 20)
+    victim = sorted(p for p in folder.iterdir() if p.name != "notes.txt")[7]
+    _truncate(victim)
+    with pytest.raises(ig.VolumeError, match=rf"DICOM file {victim.name} in this folder is unreadable or truncated"):
+        ig.read_volume(str(folder))
 
 
 def test_multi_member_gzip_nifti_is_not_called_truncated(tmp_path):
@@ -179,6 +209,7 @@ def test_cli_end_to_end_workers_give_identical_bytes(mixed_fold, tmp_path):
         assert "g_tissue.nrrd: gave no cube: all 200 windows failed the air test" in out
         # Problems are also warned about on stderr as they happen.
         assert "warning: skipping" in proc.stderr and "b_small.mhd" in proc.stderr and "c_trunc.mhd" in proc.stderr
+        assert "7/7" in proc.stderr and "volume" in proc.stderr  # the tqdm bar over volumes
     assert outputs[0] == outputs[1]
     saved = np.load(tmp_path / "out1" / "bat_4_s_64x64x32_3.npy")
     assert saved.dtype == np.float32 and saved.shape == (8, 64, 64, 32)
@@ -358,3 +389,71 @@ def test_unwritable_save_folder_is_an_error_not_a_traceback(mixed_fold, tmp_path
                     "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "Expected --save to be a folder" in err and "is a file" in err
+
+
+# --- the real chest CT through the command line ----------------------------------------------------
+
+
+def test_cli_on_real_ct_writes_the_original_cubes(chest_ct_path, tmp_path):
+    """A fold holding one volume: the file holds exactly the reference's cubes (float64), any --workers."""
+    fold = tmp_path / "data" / "subset5"
+    fold.mkdir(parents=True)
+    os.symlink(chest_ct_path, fold / chest_ct_path.name)
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(chest_ct_path))).transpose(2, 1, 0)
+    expected = ref.reference_cubes(ig.setup_config(scale=5), volume, random.Random(2), air_test="argmax")
+    assert expected.shape == (5, 64, 64, 32)
+    for workers in (0, 3):
+        save = tmp_path / f"out{workers}"
+        proc = run_cli("--fold", 5, "--scale", 5, "--seed", 2, "--dtype", "float64", "--workers", workers,
+                       "--data", tmp_path / "data", "--save", save)
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(save) == ["bat_5_s_64x64x32_5.npy"]
+        assert np.array_equal(np.load(save / "bat_5_s_64x64x32_5.npy"), expected)
+        assert "fold 5: 1 volumes, 1 used, 0 gave no cube; 5 cubes written" in proc.stdout
+
+
+# --- start-up path and signals ---------------------------------------------------------------------
+
+
+def test_import_and_run_load_no_heavy_module(tmp_path):
+    """Importing the module loads NumPy only; a whole run never loads Keras, TensorFlow or scikit-image."""
+    fold = tmp_path / "data" / "subset0"
+    write(fold / "a.mhd", lung_like_volume(5))
+    code = f"""
+import sys
+import infinite_generator_3D as ig
+heavy = ("SimpleITK", "skimage", "scipy", "tqdm", "keras", "tensorflow", "jax", "torch")
+print(sorted(m for m in heavy if m in sys.modules))
+status = ig.main(["--fold", "0", "--scale", "2", "--data", {str(tmp_path / "data")!r}, "--save", {str(tmp_path / "s")!r}])
+print(status, sorted(m for m in heavy if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "[]"
+    assert lines[-1] == "0 ['SimpleITK', 'tqdm']"
+
+
+def test_sigterm_while_saving_leaves_no_file(tmp_path):
+    """kill (SIGTERM) during the write unwinds like Ctrl-C: exit 143, no temporary or partial file."""
+    fold = tmp_path / "data" / "subset0"
+    write(fold / "a.mhd", lung_like_volume(6))
+    save = tmp_path / "save"
+    code = f"""
+import os, signal, sys, time
+import numpy as np
+import infinite_generator_3D as ig
+real = np.lib.format.open_memmap
+def open_then_killed(*args, **kwargs):
+    out = real(*args, **kwargs)
+    assert any(n.endswith(".tmp") for n in os.listdir({str(save)!r}))  # the temporary file exists now
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return out
+np.lib.format.open_memmap = open_then_killed
+sys.exit(ig.main(["--fold", "0", "--scale", "2", "--no-progress", "--data", {str(tmp_path / "data")!r},
+                  "--save", {str(save)!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert os.listdir(save) == []

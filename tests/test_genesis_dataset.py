@@ -1,4 +1,6 @@
 """Tests of keras/genesis_dataset.py: the PyDataset of training pairs."""
+import os
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,6 +44,23 @@ def test_shapes_len_and_attributes(files):
     assert xl.shape == (3, 20, 20, 20, 1)
     np.testing.assert_array_equal(xl[..., 0], x[:, 0])
     np.testing.assert_array_equal(yl[..., 0], y[:, 0])
+
+
+def test_files_are_memory_mapped_not_loaded(files):
+    paths, _ = files
+    ds = GenesisPairDataset(paths, 3, CONF, seed=1)
+    for path, a in zip(paths, ds._arrays):
+        assert isinstance(a, np.memmap), type(a)  # views of np.load(mmap_mode="r")
+        assert not a.flags.writeable  # read-only: the cube files are never modified
+        assert os.path.samefile(a.filename, path)
+    ds[0]
+    assert all(isinstance(a, np.memmap) for a in ds._arrays)
+    # pickled for worker processes started with "spawn": the maps are reopened, not copied
+    state = ds.__getstate__()
+    assert state["_arrays"] is None
+    clone = pickle.loads(pickle.dumps(ds))
+    assert all(isinstance(a, np.memmap) for a in clone._arrays)
+    np.testing.assert_array_equal(clone[1][0], ds[1][0])
 
 
 def test_targets_are_distinct_cubes_of_both_files(files):

@@ -430,6 +430,77 @@ def test_painting_seeded_and_small_cube_error(fn):
             fn(cube((16, 16, 5)), rng=np.random.default_rng(s))
 
 
+# ---------------------------------------------------------------------------- changed voxels
+
+def axis_cover(L, sizes, corners):
+    """One axis of a block drawn as SPEC 2 says (size uniform on `sizes`, corner uniform on
+    corners(b)): q[v] = P(the block covers v), r[v] = E[1{covers v} / size]."""
+    q, r = np.zeros(L), np.zeros(L)
+    for b in sizes:
+        lo, hi = corners(b)
+        cov = np.zeros(L)
+        for c in range(lo, hi + 1):
+            cov[c:c + b] += 1
+        cov /= (hi - lo + 1) * len(sizes)
+        q += cov
+        r += cov / b
+    return q, r
+
+
+def outer3(a, b, c):
+    return a[:, None, None] * b[None, :, None] * c[None, None, :]
+
+
+def block_counts(most, first):
+    """P(k blocks): `first` blocks, then up to `most` more while random() < 0.95."""
+    p = [0.95 ** k * 0.05 for k in range(most)] + [0.95 ** most]
+    return {k + first: pk for k, pk in enumerate(p)}
+
+
+def expected_changed(name, shape):
+    """Expected fraction of voxels whose value changes, for a cube of distinct values,
+    computed exactly from SPEC 2's ranges (axes and blocks are drawn independently)."""
+    if name == "inpaint":  # covered by at least one noise block
+        q = outer3(*[axis_cover(L, range(L // 6, L // 3 + 1), lambda b, L=L: (3, L - b - 3))[0]
+                     for L in shape])
+        return float(np.mean(sum(p * (1 - (1 - q) ** k)
+                                 for k, p in block_counts(5, 0).items())))
+    if name == "outpaint":  # covered by no restored block
+        q = outer3(*[axis_cover(L, [L - u for u in range(3 * L // 7, 4 * L // 7 + 1)],
+                                lambda b, L=L: (3, L - b - 3))[0] for L in shape])
+        return float(np.mean(sum(p * (1 - q) ** k for k, p in block_counts(4, 1).items())))
+    # local shuffle: covered by a block, and the last block covering the voxel (a block
+    # conditioned on covering it) does not map it to itself (probability 1 / block voxels)
+    qr = [axis_cover(L, range(1, L // 10 + 1), lambda b, L=L: (0, L - b)) for L in shape]
+    q, r = outer3(*[a for a, _ in qr]), outer3(*[b for _, b in qr])
+    return float(np.mean((1 - (1 - q) ** T.LOCAL_SHUFFLE_BLOCKS) * (1 - r / q)))
+
+
+# The fractions the README and the docstrings state for 64x64x32 cubes.
+DOCUMENTED_CHANGED_64 = {"local": 0.785, "inpaint": 0.055, "outpaint": 0.682}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_CHANGED_64))
+def test_documented_changed_fractions(name):
+    assert expected_changed(name, (64, 64, 32)) == pytest.approx(DOCUMENTED_CHANGED_64[name],
+                                                                 abs=5e-4)
+
+
+@pytest.mark.parametrize("name,draws", [("local", 60), ("inpaint", 400), ("outpaint", 400)])
+def test_changed_voxel_fraction_within_sampling_error(name, draws):
+    shape = (32, 32, 16)
+    size = int(np.prod(shape))
+    x = (np.random.default_rng(30).permutation(size).reshape((1,) + shape) / size)
+    x = x.astype(np.float32)  # distinct values: a moved voxel is a changed voxel
+    rng = np.random.default_rng(31)
+    fn = {"local": lambda: T.local_pixel_shuffling(x, 1.0, rng=rng),
+          "inpaint": lambda: T.image_in_painting(x.copy(), rng=rng),
+          "outpaint": lambda: T.image_out_painting(x, rng=rng)}[name]
+    frac = np.array([np.mean(fn() != x) for _ in range(draws)])
+    se = frac.std(ddof=1) / math.sqrt(draws)
+    assert abs(frac.mean() - expected_changed(name, shape)) <= 4.5 * se
+
+
 # ---------------------------------------------------------------------------- every transform
 
 ALL = {
@@ -479,6 +550,32 @@ def test_check_values_bit_test(dtype):
             T.check_values(np.array(bad, dtype))
     with pytest.raises(ValueError, match="max=2"):  # strided arrays take the numpy path
         T.check_values(np.array([0.5, 0.0, 2.0], dtype)[::2])
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_rng_keyword_none_and_bad_type(name):
+    x = cube((24, 24, 20), seed=16)
+    outs = [ALL[name](x, None) for _ in range(20)]  # None: fresh, unseeded generators
+    assert all(o.shape == x.shape for o in outs)
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])  # (flips: 4 outcomes)
+    with pytest.raises(TypeError, match=r"numpy\.random\.Generator or None.*rng=0"):
+        ALL[name](x, 0)
+    with pytest.raises(TypeError, match="RandomState"):
+        ALL[name](x, np.random.RandomState(0))
+
+
+def test_generate_pair_rng_keyword():
+    img = np.stack([cube((20, 20, 20), seed=s) for s in range(3)])
+    with pytest.raises(TypeError, match="rng=7"):
+        next(T.generate_pair(img, 2, cfg(), rng=7))
+    x, y = next(T.generate_pair(img, 2, cfg(), "test", rng=None))
+    assert x.shape == (2, 1, 20, 20, 20)
+
+
+def test_data_augmentation_shape_mismatch():
+    with pytest.raises(ValueError, match=r"same shape.*x\.shape=\(1, 20, 20, 20\), "
+                                         r"y\.shape=\(1, 20, 20, 21\)"):
+        T.data_augmentation(cube(), cube((20, 20, 21)), 0.5)
 
 
 @pytest.mark.parametrize("prob", [-0.1, 1.5, float("nan"), "a"])
@@ -547,6 +644,34 @@ def test_generate_pair_seeded_and_full_rates():
     for _ in range(5):
         x, y = next(g1)
         assert x.min() >= 0 and x.max() <= 1
+
+
+@pytest.mark.parametrize("inpaint_rate", [0.0, 0.5, 1.0])
+def test_generate_pair_order_of_operations(inpaint_rate):
+    """generate_pair equals the public transforms chained in SPEC 2's order (flip, local
+    shuffle, non-linear, then in- or out-painting) on the same random stream."""
+    img = np.stack([ct_like((24, 24, 20), seed=s) for s in range(5)])
+    conf = cfg(flip_rate=0.9, local_rate=0.7, nonlinear_rate=0.7, paint_rate=0.8,
+               inpaint_rate=inpaint_rate)
+    gen = T.generate_pair(img, 3, conf, rng=np.random.default_rng(40))
+    rng = np.random.default_rng(40)
+    for _ in range(4):
+        index = rng.choice(5, 3, replace=False)
+        ys, xs = [], []
+        for i in index:
+            x, y = T.data_augmentation(img[i].copy(), img[i].copy(), 0.9, rng=rng)
+            x = T.local_pixel_shuffling(x, 0.7, rng=rng)
+            x = T.nonlinear_transformation(x, 0.7, rng=rng)
+            if rng.random() < 0.8:
+                if rng.random() < inpaint_rate:
+                    x = T.image_in_painting(x.copy(), rng=rng)
+                else:
+                    x = T.image_out_painting(x, rng=rng)
+            xs.append(x)
+            ys.append(y)
+        gx, gy = next(gen)
+        np.testing.assert_array_equal(gy, np.stack(ys))
+        np.testing.assert_array_equal(gx, np.stack(xs))
 
 
 def test_generate_pair_float64_kept():

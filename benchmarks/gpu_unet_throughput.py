@@ -10,7 +10,7 @@ epoch (XLA compilation), then the median of `--repeats` timed epochs of `--steps
 Not runnable on the development machines (no GPU). One prepared run on a GPU machine:
 
     KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --json $OUT/unet_throughput.json
-    KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --tiny     # CPU smoke test, ~1 min
+    KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --tiny     # CPU smoke test, 1 to 3 min
 
 Expect a few minutes on the GPU, most of it XLA compilation (8 settings, each compiled once);
 `--batches 6` or `--batches 32` halves it. Results vary by card: compare only within one run.

@@ -35,7 +35,7 @@ import io
 import os
 import tempfile
 import zipfile
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import keras
@@ -310,7 +310,7 @@ class UNet3D(keras.Model):
     Everything else, formats included, is Keras' own.
     """
 
-    def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs) -> None:
+    def load_weights(self, filepath: str | os.PathLike, skip_mismatch: bool = False, **kwargs: Any) -> None:
         path = os.fspath(filepath)
         is_legacy = path.endswith((".h5", ".hdf5")) and not path.endswith(".weights.h5")
         if not os.path.exists(path) and not path.endswith(".weights.json"):
@@ -322,13 +322,17 @@ class UNet3D(keras.Model):
                 check_keras3_weights(self, path)
         return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
-    def save(self, filepath, overwrite: bool = True, zipped=None, **kwargs) -> None:
+    def save(
+        self, filepath: str | os.PathLike, overwrite: bool = True, zipped: bool | None = None, **kwargs: Any
+    ) -> None:
         if not _atomic_ok(filepath, overwrite) or zipped is False:
             return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
         with _atomic_target(os.fspath(filepath)) as tmp:
             super().save(tmp, overwrite=True, zipped=zipped, **kwargs)
 
-    def save_weights(self, filepath, overwrite: bool = True, max_shard_size=None) -> None:
+    def save_weights(
+        self, filepath: str | os.PathLike, overwrite: bool = True, max_shard_size: float | None = None
+    ) -> None:
         if not _atomic_ok(filepath, overwrite) or max_shard_size is not None:
             return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
         with _atomic_target(os.fspath(filepath)) as tmp:
@@ -470,7 +474,7 @@ def unet_model_3d(
 # Fine-tuning losses and metrics (keras.ops only, so they run on every backend)
 # --------------------------------------------------------------------------------------------
 
-def dice_coef(y_true, y_pred, smooth: float = 1.0):
+def dice_coef(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
     """Soft Dice over the whole flattened batch: ``(2 sum(t p) + s) / (sum(t) + sum(p) + s)``.
 
     Args:
@@ -487,7 +491,7 @@ def dice_coef(y_true, y_pred, smooth: float = 1.0):
     return (2.0 * intersection + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
 
 
-def dice_coef_loss(y_true, y_pred):
+def dice_coef_loss(y_true: Any, y_pred: Any) -> Any:
     """``1 - dice_coef``.
 
     Args:
@@ -500,7 +504,7 @@ def dice_coef_loss(y_true, y_pred):
     return 1.0 - dice_coef(y_true, y_pred)
 
 
-def bce_dice_loss(y_true, y_pred):
+def bce_dice_loss(y_true: Any, y_pred: Any) -> Any:
     """``0.5 * binary_crossentropy - dice_coef``.
 
     The cross-entropy is Keras' (mean over the last axis, predictions clipped to
@@ -518,7 +522,7 @@ def bce_dice_loss(y_true, y_pred):
     return 0.5 * bce - dice_coef(y_true, y_pred)
 
 
-def mean_iou(y_true, y_pred):
+def mean_iou(y_true: Any, y_pred: Any) -> Any:
     """Mean over thresholds 0.5, 0.55, .., 0.95 of the two-class mean IoU of ``y_pred > t``.
 
     For each threshold the prediction is ``y_pred > t`` and the label ``y_true > 0.5`` (binary

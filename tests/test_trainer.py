@@ -384,6 +384,40 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
         "run-1", "run-2"]
 
 
+def test_mixed_precision_run_writes_sample_pngs_and_float32_weights(tmp_path, monkeypatch):
+    """--mixed_precision trains (bfloat16 compute, float32 weights), and the training dataset
+    writes the original's sample pair PNGs to {sample_path}/{exp_name} (made certain here)."""
+    import keras
+    import transforms
+    from PIL import Image
+    write_cubes(tmp_path / "cubes")
+    monkeypatch.setattr(transforms, "SAMPLE_PNG_PROB", 1.0)  # every batch writes one
+    config = tiny_config(tmp_path, nb_epoch=1, steps_per_epoch=2, validation_steps=1,
+                         mixed_precision=True, save_samples="png",
+                         sample_path=str(tmp_path / "samples"))
+    try:
+        history = trainer.train(config)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert history.model.get_layer("depth_0_conv").compute_dtype == "bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rows = csv_rows(tmp_path / "w" / "Vnet-genesis_chest_ct.csv")
+    assert [r["epoch"] for r in rows] == ["0"] and np.isfinite(float(rows[0]["val_loss"]))
+    pngs = sorted((tmp_path / "samples" / "Vnet-genesis_chest_ct").glob("*.png"))
+    assert len(pngs) >= 2  # one per training batch; validation batches write none
+    assert Image.open(pngs[0]).size == (2 * 16, 4 * 16)  # (width 2C, height 4R)
+    import unet3d
+    model = unet3d.unet_model_3d((16, 16, 16, 1), batch_normalization=True, n_base_filters=4,
+                                 data_format="channels_last")
+    model.load_weights(str(tmp_path / "w" / "Vnet-genesis_chest_ct.h5"))
+    assert model.get_layer("depth_0_conv").kernel.dtype == "float32"
+    with h5py.File(tmp_path / "w" / "Vnet-genesis_chest_ct.h5", "r") as f:
+        kinds = set()
+        f.visititems(lambda k, v: kinds.add(v.dtype.name) if isinstance(v, h5py.Dataset)
+                     and v.ndim else None)
+    assert kinds == {"float32"}, kinds
+
+
 # ------------------------------------------------------------------------ real CLI runs
 
 @pytest.mark.multibackend
@@ -487,6 +521,30 @@ def test_data_parallel_over_two_virtual_jax_devices(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Data-parallel training over 2 devices (keras.distribution.DataParallel)" in proc.stdout
     assert (tmp_path / "w" / "Vnet-genesis_chest_ct.h5").is_file()
+
+
+@pytest.mark.slow
+def test_demo_finetune_loads_pretrained_weights_into_the_readme_snippet(tmp_path):
+    """datasets/demo_finetune.py (step 4 of `make demo`): the README's segmentation snippet
+    loads a small pre-trained .h5, checks it against the file read by h5py, fine-tunes."""
+    import unet3d
+    pretrained = unet3d.unet_model_3d((1, 64, 64, 32), batch_normalization=True,
+                                      n_base_filters=2)
+    pretrained.save(str(tmp_path / "pre.h5"))
+    cubes = np.random.default_rng(0).random((4, 64, 64, 32), dtype=np.float32)
+    np.save(tmp_path / "cubes.npy", cubes)
+    proc = subprocess.run([sys.executable, str(ROOT / "datasets" / "demo_finetune.py"),
+                           "--weights", str(tmp_path / "pre.h5"), "--cubes",
+                           str(tmp_path / "cubes.npy"), "--n_base_filters", "2", "--steps", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "equals the file's" in proc.stdout and "Fine-tuned 2 cubes" in proc.stdout
+    # Weights of another width do not load: the demo fails loudly, not silently.
+    bad = subprocess.run([sys.executable, str(ROOT / "datasets" / "demo_finetune.py"),
+                          "--weights", str(tmp_path / "pre.h5"), "--cubes",
+                          str(tmp_path / "cubes.npy"), "--n_base_filters", "4", "--steps", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
 
 
 TF_TWO_CPUS = r"""

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: demo test test-tf test-jax bench clean-demo
+.PHONY: demo test bench clean-demo
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

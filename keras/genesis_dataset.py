@@ -2,13 +2,17 @@
 
 `GenesisPairDataset` replaces the original's endless `generate_pair` generator for
 `model.fit`: it reads `.npy` cube files with `np.load(mmap_mode="r")` (never loading them
-whole), and batch i of epoch e is a pure function of (seed, e, i), so results do not depend
+whole, and unmapping the pages each batch read, so the resident size does not grow over an
+epoch), and batch i of epoch e is a pure function of (seed, e, i), so results do not depend
 on the number of workers, on threads versus processes, or on the order Keras asks for batches.
 The transforms themselves live in `transforms.py` (pure NumPy).
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -164,6 +168,12 @@ class GenesisPairDataset(keras.utils.PyDataset):
                 transforms.check_values(np.asarray(self._cube(int(k))),
                                         f"{self.cube_files[f]} (cube {k - self._offsets[f]})")
             raise
+        # make_batch has copied the cubes: unmap every page of the files this batch read, so
+        # the pages of cubes read over an epoch do not pile up in the resident size. The whole
+        # file, not just the cubes read: the kernel maps pages in large blocks around each one.
+        files = np.searchsorted(self._offsets, chosen, side="right") - 1
+        for f in np.unique(files):
+            release_pages(self._arrays[int(f)])
         if x.dtype != np.float32:
             x, y = x.astype(np.float32), y.astype(np.float32)
         if self.data_format == "channels_last":
@@ -182,3 +192,53 @@ class _CubeView:
 
     def __getitem__(self, k: Any) -> np.ndarray:
         return self._ds._cube(int(k))
+
+
+def _load_madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _load_madvise()
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+
+
+def release_pages(view: np.ndarray) -> bool:
+    """Unmap the pages of a memory-mapped, read-only array (or slice) from this process.
+
+    Why: every cube a batch reads stays mapped, and mapped file pages count in the process'
+    resident size, so over an epoch on a large cube file `top` would show the trainer growing
+    towards the file's size (the pages are page cache the kernel could drop, but RSS limits of
+    clusters and schedulers count them). MADV_DONTNEED on a read-only file mapping only drops
+    the process' page-table entries: the data stay in the page cache and a later read of the
+    same bytes faults them back in, so other threads reading neighbouring cubes are unaffected.
+
+    Args:
+        view: a C-contiguous read-only np.memmap or slice of one. Only the whole pages inside
+            it are released (never memory outside the array).
+    Returns:
+        True if the kernel took the advice; False for anything else (not a read-only memmap,
+        no madvise on this system): then it does nothing. Only memory accounting, never
+        results, depends on it.
+    """
+    # Only ever on a read-only file mapping: on anonymous or copy-on-write memory MADV_DONTNEED
+    # would throw the data away.
+    if (_MADVISE is None or getattr(view, "_mmap", None) is None
+            or getattr(view, "mode", None) != "r"
+            or view.nbytes == 0 or not view.flags.c_contiguous):
+        return False
+    page = mmap.PAGESIZE
+    start = view.ctypes.data
+    # Only whole pages inside the slice; a page shared with a neighbouring cube stays.
+    lo = -(-start // page) * page
+    hi = (start + view.nbytes) // page * page
+    if hi <= lo:
+        return False
+    return _MADVISE(ctypes.c_void_p(lo), hi - lo, _MADV_DONTNEED) == 0

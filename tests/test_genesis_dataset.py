@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import transforms as T
-from genesis_dataset import GenesisPairDataset
+from genesis_dataset import GenesisPairDataset, release_pages
 
 CONF = SimpleNamespace(save_samples=None)  # the original's rates by default
 
@@ -61,6 +61,52 @@ def test_files_are_memory_mapped_not_loaded(files):
     clone = pickle.loads(pickle.dumps(ds))
     assert all(isinstance(a, np.memmap) for a in clone._arrays)
     np.testing.assert_array_equal(clone[1][0], ds[1][0])
+
+
+def _rss_file_kb():
+    with open("/proc/self/status") as f:
+        return int([line.split()[1] for line in f if line.startswith("RssFile:")][0])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"),
+                    reason="needs Linux /proc to read the process' mapped-file memory")
+def test_reading_cubes_does_not_keep_them_resident(tmp_path):
+    # 64 cubes of 32x32x32 float32 (8 MiB). Reading them all through a plain memory map leaves
+    # every page mapped in this process (RssFile grows by the file's size); the dataset reads
+    # each cube then unmaps its pages, so a whole epoch leaves next to nothing resident.
+    n, shape = 64, (32, 32, 32)
+    cubes = np.random.default_rng(0).random((n,) + shape, dtype=np.float32)
+    path = str(tmp_path / "big.npy")
+    np.save(path, cubes)
+    mib = cubes.nbytes / 2**20
+
+    plain = np.load(path, mmap_mode="r")
+    before = _rss_file_kb()
+    assert float(np.sum(plain, dtype=np.float64)) > 0  # touch every page
+    grown_plain = (_rss_file_kb() - before) / 1024
+    assert grown_plain > 0.8 * mib, "the control did not map the file: test cannot tell"
+
+    ds = GenesisPairDataset(path, 8, CONF, seed=3)
+    before = _rss_file_kb()
+    seen = set()
+    for i in range(len(ds)):
+        ds[i]
+        seen.update(ds.batch_indices(i).tolist())
+    grown_ds = (_rss_file_kb() - before) / 1024
+    assert len(seen) > n // 2  # the epoch really read most cubes
+    assert grown_ds < 0.25 * mib, (grown_ds, grown_plain)
+
+
+def test_release_pages_only_touches_read_only_maps(tmp_path):
+    a = np.arange(4 * 4096, dtype=np.float32).reshape(4, 4096)
+    assert release_pages(a[1]) is False  # anonymous memory: would be zeroed, so never
+    np.testing.assert_array_equal(a[1], np.arange(4096, 8192))
+    np.save(tmp_path / "c.npy", a)
+    w = np.load(tmp_path / "c.npy", mmap_mode="r+")
+    assert release_pages(w[1]) is False  # writable map: left alone
+    r = np.load(tmp_path / "c.npy", mmap_mode="r")
+    assert release_pages(r[1]) is True
+    np.testing.assert_array_equal(r[1], a[1])  # the data are still there, read back from disk
 
 
 def test_targets_are_distinct_cubes_of_both_files(files):

@@ -591,9 +591,8 @@ def read_volume(path: str) -> np.ndarray:
             if hint:  # say it plainly, before ITK prints its own less helpful complaint
                 raise VolumeError(f"cannot read: {hint}")
             image = sitk.ReadImage(path)
-    except RuntimeError as exc:
-        hint = _mhd_hint(path) if path.lower().endswith((".mhd", ".mha")) else ""
-        raise VolumeError(f"cannot read: {hint or _itk_reason(exc)}") from None
+    except RuntimeError as exc:  # a MetaImage's missing or short data were named above
+        raise VolumeError(f"cannot read: {_itk_reason(exc)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components")
     if image.GetDimension() != 3:

@@ -39,41 +39,45 @@ import time
 
 import numpy as np
 
+from common import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = os.path.join(ROOT, "keras", "Genesis_Chest_CT.py")
 CUBE = (64, 64, 32)
 CUBE_BYTES = 4 * CUBE[0] * CUBE[1] * CUBE[2]
 
-# The child: run the trainer's main() and report its own VmHWM (peak RSS, kB) on exit.
-# (getrusage's ru_maxrss is no use here: Linux carries the parent's peak, which held the
-# 4 GB file mapped while writing it, over fork and exec into the child.)
-CHILD = r"""
+# Start of both children below. requirements.txt installs no JAX, but the test virtualenv
+# does, and TensorFlow imports JAX whenever it is installed (tf.lite's converter): about 150 MiB
+# a user's install never loads. Each child reports its own VmHWM (peak RSS, kB) as it exits.
+PREAMBLE = r"""
 import os, sys
-# requirements.txt installs no JAX, but the test virtualenv does, and TensorFlow imports JAX
-# whenever it is installed (tf.lite's converter), about 150 MiB a user's install never loads.
 if os.environ.get("BENCH_HIDE_JAX") == "1":
     sys.modules["jax"] = None  # `import jax` now raises ImportError, as if not installed
+
+def report_peak(path):
+    with open("/proc/self/status") as f:
+        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+    with open(path, "w") as f:
+        f.write(hwm)
+"""
+
+# The child: run the trainer's main() and report its peak RSS on exit.
+# (getrusage's ru_maxrss is no use here: Linux carries the parent's peak, which held the
+# 4 GB file mapped while writing it, over fork and exec into the child.)
+CHILD = PREAMBLE + r"""
 import runpy
 out, argv = sys.argv[1], sys.argv[2:]
 sys.argv = [argv[0]] + argv[1:]
 try:
     runpy.run_path(argv[0], run_name="__main__")
 finally:
-    with open("/proc/self/status") as f:
-        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
-    with open(out, "w") as f:
-        f.write(hwm)
+    report_peak(out)
 """
 
 
 # The frameworks' floor: the same model compiled and trained for the same steps on batches
 # held in memory (no cube file, no transforms), with the trainer's TensorBoard callback.
-FLOOR = r"""
-import os, sys
-# requirements.txt installs no JAX, but the test virtualenv does, and TensorFlow imports JAX
-# whenever it is installed (tf.lite's converter), about 150 MiB a user's install never loads.
-if os.environ.get("BENCH_HIDE_JAX") == "1":
-    sys.modules["jax"] = None  # `import jax` now raises ImportError, as if not installed
+FLOOR = PREAMBLE + r"""
 import tempfile
 out, keras_dir, steps, batch, filters = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 sys.path.insert(0, keras_dir)
@@ -91,10 +95,7 @@ try:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=tempfile.mkdtemp()))
     model.fit(x, x, batch_size=batch, epochs=max(1, steps // 2), verbose=0, callbacks=callbacks)
 finally:
-    with open("/proc/self/status") as f:
-        hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
-    with open(out, "w") as f:
-        f.write(hwm)
+    report_peak(out)
 """
 
 
@@ -144,20 +145,30 @@ def child_env(backend: str, hide_jax: bool) -> dict:
     return dict(os.environ, KERAS_BACKEND=backend, BENCH_HIDE_JAX="1" if hide else "0")
 
 
-def run_floor(out: str, steps: int, batch: int, filters: int, backend: str,
-              hide_jax: bool = True) -> dict:
-    """The frameworks' floor (FLOOR above) in a child process; its peak memory figures."""
-    os.makedirs(out, exist_ok=True)
+def run_child(script: str, out: str, args: list, backend: str, hide_jax: bool) -> dict:
+    """Run `script` (CHILD or FLOOR) in a child process; its peak memory figures in bytes.
+
+    Returns:
+        backend, peak_rss, peak_rss_anon, peak_rss_file (sampled), vm_hwm (the child's own
+        record, written to {out}/vmhwm.txt as it exits) and the run's wall time (seconds).
+    """
     hwm_file = os.path.join(out, "vmhwm.txt")
     start = time.time()
-    peak, _ = _watch([sys.executable, "-c", FLOOR, hwm_file, os.path.join(ROOT, "keras"),
-                      str(steps), str(batch), str(filters)],
+    peak, _ = _watch([sys.executable, "-c", script, hwm_file, *args],
                      child_env(backend, hide_jax))
     with open(hwm_file) as f:
         hwm = int(f.read()) * 1024
     return dict(backend=backend, peak_rss=peak["VmRSS"], peak_rss_anon=peak["RssAnon"],
-                peak_rss_file=peak["RssFile"], vm_hwm=hwm, seconds=time.time() - start,
-                cubes=0, file_gb=0.0)
+                peak_rss_file=peak["RssFile"], vm_hwm=hwm, seconds=time.time() - start)
+
+
+def run_floor(out: str, steps: int, batch: int, filters: int, backend: str,
+              hide_jax: bool = True) -> dict:
+    """The frameworks' floor (FLOOR above) in a child process; its peak memory figures."""
+    os.makedirs(out, exist_ok=True)
+    r = run_child(FLOOR, out, [os.path.join(ROOT, "keras"), str(steps), str(batch),
+                               str(filters)], backend, hide_jax)
+    return dict(r, cubes=0, file_gb=0.0)
 
 
 def run_training(data: str, out: str, steps: int, batch: int, filters: int, workers: int,
@@ -168,24 +179,17 @@ def run_training(data: str, out: str, steps: int, batch: int, filters: int, work
         Its peak memory figures in bytes (peak_rss, peak_rss_anon, peak_rss_file, vm_hwm),
         the model's parameter count (params) and the run's wall time (seconds).
     """
-    hwm_file = os.path.join(out, "vmhwm.txt")
     args = [TRAINER, "--data", data, "--train_fold", "0", "--valid_fold", "1",
             "--nb_epoch", "1", "--steps_per_epoch", str(steps), "--validation_steps", "1",
             "--batch_size", str(batch), "--n_base_filters", str(filters), "--workers",
             str(workers), "--max_queue_size", str(2 * workers), "--save_samples", "none",
             "--model_path", os.path.join(out, "weights"), "--verbose", "0"]
-    start = time.time()
-    peak, _ = _watch([sys.executable, "-c", CHILD, hwm_file, *args],
-                     child_env(backend, hide_jax))
-    with open(hwm_file) as f:
-        hwm = int(f.read()) * 1024
+    r = run_child(CHILD, out, args, backend, hide_jax)
     # The model summary the trainer wrote gives the parameter count ("Total params: N").
     summary = os.path.join(out, "weights", "Vnet-genesis_chest_ct.txt")
     with open(summary) as f:
         params = int(re.search(r"Total params:\s*([\d,]+)", f.read()).group(1).replace(",", ""))
-    return dict(backend=backend, peak_rss=peak["VmRSS"], peak_rss_anon=peak["RssAnon"],
-                peak_rss_file=peak["RssFile"], vm_hwm=hwm, params=params,
-                seconds=time.time() - start)
+    return dict(r, params=params)
 
 
 def main(argv=None) -> int:
@@ -287,8 +291,7 @@ def main(argv=None) -> int:
               f"{bar_mib:.0f} MiB, RssAnon growing by {growth['peak_rss_anon']:+.0f} MiB "
               "(bar: under 128)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), results=results, passed=ok), f, indent=2)
+        write_json(args.json, dict(args=vars(args), results=results, passed=ok))
     # Mapped file pages (the cube file read around each cube, the libraries) count in the peak
     # RSS above although the kernel can drop them: the bar is checked on the whole of it.
     return 0 if ok else 1

@@ -16,7 +16,6 @@ example: .venv/bin/python benchmarks/bench_transforms.py --pairs 3000 --loop-pai
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "keras"))
 import transforms as T  # noqa: E402
+from common import write_json  # noqa: E402
 
 CHEST_CT = ROOT.parent / "shared" / "data" / "chest_ct_512x512x141.nii.gz"
 RATES = dict(flip_rate=0.4, local_rate=0.5, nonlinear_rate=0.9, paint_rate=0.9,
@@ -276,17 +276,8 @@ def main(argv=None) -> int:
     print(f"one core, pairs/s: fast {fast:.1f}  loop {loop:.2f}  speed-up {fast / loop:.1f}x")
     for name, r in results["per_transform_one_core"].items():
         print(f"  {name:13s} fast {r['fast_ms']:7.3f} ms  loop {r['loop_ms']:8.2f} ms")
-    if args.json:  # atomically: a temp file in the same folder, then rename
-        folder = os.path.dirname(os.path.abspath(args.json))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(results, f, indent=1)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-            os.replace(tmp, args.json)
-        except BaseException:
-            os.remove(tmp)
-            raise
+    if args.json:
+        write_json(args.json, results, indent=1)
     return 0
 
 

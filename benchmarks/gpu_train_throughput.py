@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.join(ROOT, "keras"))
 
 import numpy as np  # noqa: E402
 
+from common import write_json  # noqa: E402
+
 
 def settings(tiny: bool, sweep: bool = False) -> list:
     """The settings to measure: the original's and the expected fastest (+ a sweep).
@@ -183,13 +185,10 @@ def main(argv=None) -> int:
           f"(target on an H200: at least 460); input pipeline alone "
           f"{best['pipeline_cubes_per_s']:.1f} cubes/s")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(device=str(jax.devices()), keras=keras.__version__,
-                           backend=keras.backend.backend(), tiny=args.tiny, steps=args.steps,
-                           workers=args.workers, cube=args.cube, n_base_filters=args.n_base_filters,
-                           fastest=best["name"], results=results), f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, dict(
+            device=str(jax.devices()), keras=keras.__version__, backend=keras.backend.backend(),
+            tiny=args.tiny, steps=args.steps, workers=args.workers, cube=args.cube,
+            n_base_filters=args.n_base_filters, fastest=best["name"], results=results))
     return 0
 
 

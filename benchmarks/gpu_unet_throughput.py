@@ -36,6 +36,8 @@ sys.path.insert(0, os.path.join(ROOT, "keras"))
 
 import numpy as np  # noqa: E402
 
+from common import write_json  # noqa: E402
+
 GFLOP_PER_CUBE = 710.0  # forward + backward, 64x64x32 cube, 32 base filters (SPEC 6)
 # (batch, dtype, data_format) -> (what, cubes/s) from SPEC 6, one H200.
 REFERENCE = {
@@ -136,11 +138,8 @@ def main(argv=None) -> int:
         print(f"| {res['batch']} | {res['dtype']} | {res['data_format']} | {res['cubes_per_s']:.1f} | "
               f"{res['ms_per_step']:.1f} | {tflops} | {ref} |")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(device=str(device.device_kind), cube=cube, base_filters=base, steps=steps,
-                           repeats=repeats, results=results), f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, dict(device=str(device.device_kind), cube=cube, base_filters=base,
+                                   steps=steps, repeats=repeats, results=results), indent=1)
     return 0 if all("error" not in r for r in results) else 1
 
 

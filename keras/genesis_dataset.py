@@ -140,9 +140,14 @@ class GenesisPairDataset(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self.steps if self.steps is not None else self.num_cubes // self.batch_size
 
-    def _cube(self, k: int) -> np.ndarray:
+    def _locate(self, k: int) -> tuple[int, int]:
+        """(file index, cube index in that file) of global cube index k."""
         f = int(np.searchsorted(self._offsets, k, side="right")) - 1
-        return self._arrays[f][k - self._offsets[f]]
+        return f, int(k - self._offsets[f])
+
+    def _cube(self, k: int) -> np.ndarray:
+        f, i = self._locate(k)
+        return self._arrays[f][i]
 
     def batch_indices(self, index: int, epoch: Optional[int] = None) -> np.ndarray:
         """Global indices of the cubes of batch `index` of `epoch` (default: current)."""
@@ -164,16 +169,15 @@ class GenesisPairDataset(keras.utils.PyDataset):
                                          what="cubes")
         except ValueError:
             for k in chosen:  # name the offending file and cube
-                f = int(np.searchsorted(self._offsets, k, side="right")) - 1
-                transforms.check_values(np.asarray(self._cube(int(k))),
-                                        f"{self.cube_files[f]} (cube {k - self._offsets[f]})")
+                f, i = self._locate(int(k))
+                transforms.check_values(np.asarray(self._arrays[f][i]),
+                                        f"{self.cube_files[f]} (cube {i})")
             raise
         # make_batch has copied the cubes: unmap every page of the files this batch read, so
         # the pages of cubes read over an epoch do not pile up in the resident size. The whole
         # file, not just the cubes read: the kernel maps pages in large blocks around each one.
-        files = np.searchsorted(self._offsets, chosen, side="right") - 1
-        for f in np.unique(files):
-            release_pages(self._arrays[int(f)])
+        for f in {self._locate(int(k))[0] for k in chosen}:
+            release_pages(self._arrays[f])
         if x.dtype != np.float32:
             x, y = x.astype(np.float32), y.astype(np.float32)
         if self.data_format == "channels_last":
@@ -213,7 +217,7 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 def release_pages(view: np.ndarray) -> bool:
     """Unmap the pages of a memory-mapped, read-only array (or slice) from this process.
 
-    Why: every cube a batch reads stays mapped, and mapped file pages count in the process'
+    Why: every cube a batch reads would stay mapped, and mapped file pages count in the process'
     resident size, so over an epoch on a large cube file `top` would show the trainer growing
     towards the file's size (the pages are page cache the kernel could drop, but RSS limits of
     clusters and schedulers count them). MADV_DONTNEED on a read-only file mapping only drops
@@ -236,7 +240,7 @@ def release_pages(view: np.ndarray) -> bool:
         return False
     page = mmap.PAGESIZE
     start = view.ctypes.data
-    # Only whole pages inside the slice; a page shared with a neighbouring cube stays.
+    # Only whole pages inside the array: a page it shares with the file's header stays.
     lo = -(-start // page) * page
     hi = (start + view.nbytes) // page * page
     if hi <= lo:

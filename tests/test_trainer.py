@@ -533,18 +533,19 @@ def test_demo_finetune_loads_pretrained_weights_into_the_readme_snippet(tmp_path
     pretrained.save(str(tmp_path / "pre.h5"))
     cubes = np.random.default_rng(0).random((4, 64, 64, 32), dtype=np.float32)
     np.save(tmp_path / "cubes.npy", cubes)
-    proc = subprocess.run([sys.executable, str(ROOT / "datasets" / "demo_finetune.py"),
-                           "--weights", str(tmp_path / "pre.h5"), "--cubes",
-                           str(tmp_path / "cubes.npy"), "--n_base_filters", "2", "--steps", "1"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    def demo(n_base_filters):
+        return subprocess.run([sys.executable, str(ROOT / "datasets" / "demo_finetune.py"),
+                               "--weights", str(tmp_path / "pre.h5"), "--cubes",
+                               str(tmp_path / "cubes.npy"), "--n_base_filters",
+                               str(n_base_filters), "--steps", "1"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    proc = demo(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "equals the file's" in proc.stdout and "Fine-tuned 2 cubes" in proc.stdout
     # Weights of another width do not load: the demo fails loudly, not silently.
-    bad = subprocess.run([sys.executable, str(ROOT / "datasets" / "demo_finetune.py"),
-                          "--weights", str(tmp_path / "pre.h5"), "--cubes",
-                          str(tmp_path / "cubes.npy"), "--n_base_filters", "4", "--steps", "1"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0
+    assert demo(4).returncode != 0
 
 
 TF_TWO_CPUS = r"""

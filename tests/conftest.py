@@ -1,15 +1,10 @@
-"""Shared test setup: import paths and the location of the real CT data."""
-import os
-import sys
+"""Shared test setup: the location of the real CT data."""
 from pathlib import Path
 
 import pytest
 
+# Import paths (the repository root, keras/ and tests/) are set by pytest.ini.
 ROOT = Path(__file__).resolve().parents[1]
-# The flat modules live in keras/ (no __init__.py, so the real keras package is not shadowed).
-for p in (ROOT, ROOT / "keras"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CHEST_CT = SHARED_DATA / "chest_ct_512x512x141.nii.gz"

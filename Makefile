@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test lint format bench clean-demo
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q -rs tests
 	KERAS_BACKEND=jax $(PY) -m pytest -q -rs -m multibackend tests
 	KERAS_BACKEND=torch $(PY) -m pytest -q -rs -m multibackend tests
+
+# ruff, settings in pyproject.toml: the lint rules and the formatter, both only checked here.
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Apply the formatter and the safe lint fixes.
+format: $(TEST_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 DEMO_DIR := demo_output
 demo: $(RUNTIME_STAMP)

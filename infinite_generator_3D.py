@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cut Models Genesis training cubes out of CT volumes (SPEC.md section 1).
+"""Cut Models Genesis training cubes out of CT volumes (docs/extraction.md).
 
 For one LUNA16 fold (``{data}/subset{fold}/``) this reads every CT volume in sorted order,
 draws up to ``--scale`` random 64x64x32 windows from each with Python's ``random`` (seeded once
@@ -18,9 +18,11 @@ Importable sampler::
     config = setup_config(scale=32)
     cubes = infinite_generator_from_one_volume(config, hu_xyz, random.Random(1))
 
-This module needs NumPy and SimpleITK only (scikit-image when the crop size differs from the
-input size, tqdm for the progress bar); it never imports Keras.
+Imports: NumPy, SimpleITK (lazily), scikit-image (only when the crop size differs from the input
+size), tqdm (progress bar) and ``keras/genesis_files.py`` (standard library only: cube-file names and
+the atomic writer). It never imports Keras.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +32,19 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+# genesis_files (standard library only) lives in keras/ beside the trainer that reads these files.
+# Appended, not prepended, so keras/'s other modules never shadow an installed package.
+_KERAS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras")
+if _KERAS_DIR not in sys.path:
+    sys.path.append(_KERAS_DIR)
+from genesis_files import atomic_path, cube_file_name
 
 if TYPE_CHECKING:  # numpy.typing is slow to import; annotations are strings here
     from numpy.typing import DTypeLike
@@ -60,7 +70,7 @@ Exit status: 0 when a cube file was written, 1 when nothing usable was found, 2 
 
 
 class setup_config:
-    """Settings of the cube extraction, with the original's names (SPEC.md section 1).
+    """Settings of the cube extraction, with the original's names (docs/extraction.md).
 
     Args:
         input_rows, input_cols, input_deps: size of a saved cube.
@@ -160,7 +170,7 @@ def size_problem(config: setup_config, shape: Sequence[int]) -> str | None:
 
 
 def normalise_hu(window: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
-    """Clip HU values to [hu_min, hu_max] and scale to [0, 1] in float64 (SPEC 1 step 3).
+    """Clip HU values to [hu_min, hu_max] and scale to [0, 1] in float64 (the normalisation of docs/extraction.md).
 
     Elementwise, so normalising a window gives the same bits as normalising the whole volume
     and then cutting the window.
@@ -220,8 +230,10 @@ def raw_threshold(dtype: DTypeLike, hu_min: float, hu_max: float, HU_thred: floa
     return low
 
 
-def tissue_score_sum(window: np.ndarray, HU_thred: float, input_deps: int, len_depth: int) -> Fraction:
-    """Exact sum of the air test's per-voxel tissue scores (SPEC 1 step 5), with array operations.
+def tissue_score_sum(
+    window: np.ndarray, HU_thred: float, input_deps: int, len_depth: int
+) -> Fraction:
+    """Exact sum of the air test's per-voxel tissue scores (docs/extraction.md), with array operations.
 
     A voxel's score is ``1 - k / (len_depth - 1)`` where ``k`` is the first of the next
     ``len_depth`` slices (itself included) at or above ``HU_thred``, or ``len_depth - 1``.
@@ -239,12 +251,14 @@ def tissue_score_sum(window: np.ndarray, HU_thred: float, input_deps: int, len_d
         The sum as an exact fraction.
     """
     if len_depth < 2:
-        raise ValueError(f"Expected len_depth >= 2 (the score divides by len_depth - 1). Received: len_depth={len_depth}")
+        raise ValueError(
+            f"Expected len_depth >= 2 (the score divides by len_depth - 1). Received: len_depth={len_depth}"
+        )
     hits = window >= HU_thred
     seen = hits[:, :, :input_deps].copy()
     total = int(np.count_nonzero(seen))
     for offset in range(1, len_depth - 1):
-        seen |= hits[:, :, offset:offset + input_deps]
+        seen |= hits[:, :, offset : offset + input_deps]
         total += int(np.count_nonzero(seen))
     return Fraction(total, len_depth - 1)
 
@@ -257,7 +271,7 @@ def air_test_limit(config: setup_config) -> float:
 def infinite_generator_from_one_volume(
     config: setup_config, img_array: np.ndarray, rng: random.Random | None = None
 ) -> np.ndarray | None:
-    """Draw up to ``config.scale`` cubes from one CT volume, exactly as the original (SPEC 1 steps 2-6).
+    """Draw up to ``config.scale`` cubes from one CT volume, exactly as the original (docs/extraction.md).
 
     Args:
         config: the extraction settings (see ``setup_config``).
@@ -271,14 +285,21 @@ def infinite_generator_from_one_volume(
         for the borders, or every window rejected). A volume too small draws no numbers.
     """
     if np.ndim(img_array) != 3:
-        raise ValueError(f"Expected a 3-D array in (x, y, z) order. Received: img_array.shape={np.shape(img_array)}")
+        raise ValueError(
+            f"Expected a 3-D array in (x, y, z) order. Received: img_array.shape={np.shape(img_array)}"
+        )
     if config.len_depth < 2:
         raise ValueError(f"Expected config.len_depth >= 2. Received: len_depth={config.len_depth}")
     if size_problem(config, img_array.shape) is not None:
         return None
     randint = (random if rng is None else rng).randint
     size_x, size_y, size_z = img_array.shape
-    rows, cols, deps, depth = config.input_rows, config.input_cols, config.input_deps, config.len_depth
+    rows, cols, deps, depth = (
+        config.input_rows,
+        config.input_cols,
+        config.input_deps,
+        config.len_depth,
+    )
     crop_rows, crop_cols = config.crop_rows, config.crop_cols
     border, border_z = config.len_border, config.len_border_z
     x_high = size_x - crop_rows - 1 - border
@@ -309,7 +330,7 @@ def infinite_generator_from_one_volume(
         sx = randint(border, x_high)
         sy = randint(border, y_high)
         sz = randint(border_z, z_high)
-        raw = img_array[sx:sx + crop_rows, sy:sy + crop_cols, sz:sz + deps + depth]
+        raw = img_array[sx : sx + crop_rows, sy : sy + crop_cols, sz : sz + deps + depth]
         if raw_test:
             if tissue_score_sum(raw, threshold, deps, depth) * (depth - 1) > max_count:
                 continue
@@ -376,7 +397,7 @@ def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
         if not 1 <= ndim <= 7 or bitpix <= 0:
             return None
         count = 1
-        for d in dims[1:ndim + 1]:
+        for d in dims[1 : ndim + 1]:
             count *= max(int(d), 1)
         return order, int(datatype), int(bitpix), int(vox_offset), count
     return None
@@ -463,7 +484,9 @@ def _check_nifti_complete(path: str) -> None:
     else:
         return
     if expected is not None and actual < expected:
-        raise VolumeError(f"truncated: the header needs {expected} bytes of image data, the file holds {actual}")
+        raise VolumeError(
+            f"truncated: the header needs {expected} bytes of image data, the file holds {actual}"
+        )
 
 
 def _mhd_hint(path: str) -> str:
@@ -479,7 +502,9 @@ def _mhd_hint(path: str) -> str:
                 if "=" in line:
                     key, value = line.split("=", 1)
                     fields[key.strip()] = value.strip()
-                if line.startswith("ElementDataFile"):  # the header's last field; binary data may follow
+                if line.startswith(
+                    "ElementDataFile"
+                ):  # the header's last field; binary data may follow
                     header_bytes = f.tell()
                     break
             else:
@@ -490,19 +515,37 @@ def _mhd_hint(path: str) -> str:
         if data_name == "LOCAL":  # .mha: the data follow the header in the same file
             data_path, offset, where = path, header_bytes, os.path.basename(path)
         else:
-            data_path, offset, where = os.path.join(os.path.dirname(path), data_name), 0, f"data file {data_name}"
+            data_path, offset, where = (
+                os.path.join(os.path.dirname(path), data_name),
+                0,
+                f"data file {data_name}",
+            )
             if not os.path.exists(data_path):
                 return f"{where} not found"
         actual = os.path.getsize(data_path) - offset
         if fields.get("CompressedData", "False").lower() == "true":
             expected = int(fields.get("CompressedDataSize", 0) or 0)  # 0: unknown, not checked
         else:
-            sizes = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
-                     "MET_UINT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+            sizes = {
+                "MET_CHAR": 1,
+                "MET_UCHAR": 1,
+                "MET_SHORT": 2,
+                "MET_USHORT": 2,
+                "MET_INT": 4,
+                "MET_UINT": 4,
+                "MET_LONG_LONG": 8,
+                "MET_ULONG_LONG": 8,
+                "MET_FLOAT": 4,
+                "MET_DOUBLE": 8,
+            }
             if fields.get("ElementType") not in sizes:
                 return ""
             channels = int(fields.get("ElementNumberOfChannels", 1))
-            expected = math.prod(int(s) for s in fields["DimSize"].split()) * sizes[fields["ElementType"]] * channels
+            expected = (
+                math.prod(int(s) for s in fields["DimSize"].split())
+                * sizes[fields["ElementType"]]
+                * channels
+            )
         if actual < expected:
             return f"{where} holds {actual} bytes of image data, expected {expected} (truncated?)"
     except (OSError, ValueError, KeyError):
@@ -534,7 +577,12 @@ def _check_dicom_leftovers(folder: str, in_series: set[str]) -> None:
 
     for name in sorted(os.listdir(folder)):
         full = os.path.join(folder, name)
-        if name in in_series or name.startswith(".") or name.upper() == "DICOMDIR" or not os.path.isfile(full):
+        if (
+            name in in_series
+            or name.startswith(".")
+            or name.upper() == "DICOMDIR"
+            or not os.path.isfile(full)
+        ):
             continue
         try:
             with open(full, "rb") as f:
@@ -548,8 +596,10 @@ def _check_dicom_leftovers(folder: str, in_series: set[str]) -> None:
         try:
             info.ReadImageInformation()
         except RuntimeError:
-            raise VolumeError(f"cannot read: DICOM file {name} in this folder is unreadable or truncated "
-                              f"(left out of the series, the volume would miss a slice)") from None
+            raise VolumeError(
+                f"cannot read: DICOM file {name} in this folder is unreadable or truncated "
+                f"(left out of the series, the volume would miss a slice)"
+            ) from None
 
 
 def read_volume(path: str) -> np.ndarray:
@@ -574,12 +624,18 @@ def read_volume(path: str) -> np.ndarray:
             if not series:
                 inner = [n for n in sorted(os.listdir(path)) if n.lower().endswith(VOLUME_SUFFIXES)]
                 if inner:  # e.g. LUNA16's zip unpacked to subset0/subset0/
-                    raise VolumeError(f"no DICOM series found in this folder, but it holds {len(inner)} volume "
-                                      f"files ({inner[0]}, ...): volumes must sit directly in subset{{fold}}/")
+                    raise VolumeError(
+                        f"no DICOM series found in this folder, but it holds {len(inner)} volume "
+                        f"files ({inner[0]}, ...): volumes must sit directly in subset{{fold}}/"
+                    )
                 raise VolumeError("no DICOM series found in this folder")
             # Several series in one folder: only the first (in GDCM's order) is read.
             files = reader.GetGDCMSeriesFileNames(path, series[0])
-            in_series = {os.path.basename(f) for s in series[1:] for f in reader.GetGDCMSeriesFileNames(path, s)}
+            in_series = {
+                os.path.basename(f)
+                for s in series[1:]
+                for f in reader.GetGDCMSeriesFileNames(path, s)
+            }
             _check_dicom_leftovers(path, in_series | {os.path.basename(f) for f in files})
             reader.SetFileNames(files)
             image = reader.Execute()
@@ -594,9 +650,13 @@ def read_volume(path: str) -> np.ndarray:
     except RuntimeError as exc:  # a MetaImage's missing or short data were named above
         raise VolumeError(f"cannot read: {_itk_reason(exc)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components")
+        raise VolumeError(
+            f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components"
+        )
     if image.GetDimension() != 3:
-        raise VolumeError(f"Expected a 3-D volume. Received: {image.GetDimension()}-D image of size {image.GetSize()}")
+        raise VolumeError(
+            f"Expected a 3-D volume. Received: {image.GetDimension()}-D image of size {image.GetSize()}"
+        )
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         bad = array.size - int(np.count_nonzero(np.isfinite(array)))
@@ -614,7 +674,9 @@ def _read_or_reason(path: str) -> tuple[np.ndarray | None, str | None]:
         return None, f"cannot read: {exc}"
 
 
-def iter_volumes(paths: Sequence[str], workers: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+def iter_volumes(
+    paths: Sequence[str], workers: int
+) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """Yield ``(path, array or None, reason or None)`` for each path, in order.
 
     With ``workers > 0``, that many threads read the next volumes while the caller samples the
@@ -708,7 +770,11 @@ def extract_fold(
 
         bar = tqdm(total=len(paths), unit="volume", file=sys.stderr, dynamic_ncols=True)
     if warn is None:
-        warn = (lambda m: bar.write(m, file=sys.stderr)) if bar is not None else (lambda m: print(m, file=sys.stderr))
+        warn = (
+            (lambda m: bar.write(m, file=sys.stderr))
+            if bar is not None
+            else (lambda m: print(m, file=sys.stderr))
+        )
     try:
         for path, array, reason in iter_volumes(paths, workers):
             if array is None:
@@ -726,7 +792,9 @@ def extract_fold(
                     reason = f"gave {len(cubes)} of {config.scale} cubes: {50 * config.scale} windows tried"
                 if cubes is not None:
                     result.cubes.append(cubes.astype(dtype, copy=False))
-                result.volumes.append(VolumeReport(path, 0 if cubes is None else len(cubes), reason))
+                result.volumes.append(
+                    VolumeReport(path, 0 if cubes is None else len(cubes), reason)
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(cubes=result.n_cubes)
@@ -736,7 +804,9 @@ def extract_fold(
     return result
 
 
-def save_cubes_atomically(cubes: Sequence[np.ndarray], path: str, dtype: DTypeLike) -> tuple[int, ...]:
+def save_cubes_atomically(
+    cubes: Sequence[np.ndarray], path: str, dtype: DTypeLike
+) -> tuple[int, ...]:
     """Write the cube arrays, concatenated on axis 0, as one .npy file, atomically.
 
     The data go to a temporary file in the same folder, renamed over ``path`` only when complete;
@@ -750,37 +820,22 @@ def save_cubes_atomically(cubes: Sequence[np.ndarray], path: str, dtype: DTypeLi
     Returns:
         The saved shape.
     """
-    import tempfile
-
     total = sum(len(c) for c in cubes)
     shape = (total,) + tuple(cubes[0].shape[1:])
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
         start = 0
         for c in cubes:
-            out[start:start + len(c)] = c
+            out[start : start + len(c)] = c
             start += len(c)
         out.flush()
         del out
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
     return shape
 
 
 def output_path(save: str, scale: int, rows: int, cols: int, deps: int, fold: int) -> str:
     """``{save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy`` (the name the trainer reads)."""
-    return os.path.join(save, f"bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy")
+    return os.path.join(save, cube_file_name(scale, rows, cols, deps, fold))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,6 +844,7 @@ def output_path(save: str, scale: int, rows: int, cols: int, deps: int, fold: in
 
 def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer >= minimum, with a clear message otherwise."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -797,6 +853,7 @@ def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"Expected {what}. Received: {value}")
         return value
+
     return parse
 
 
@@ -813,29 +870,70 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--fold", type=int, required=True, choices=range(10), metavar="{0..9}",
-                        help="the LUNA16 fold: reads {data}/subset{fold}/ (required)")
-    parser.add_argument("--scale", type=_positive_int, default=32, help="cubes per volume (default: 32)")
-    parser.add_argument("--data", default="datasets/luna16",
-                        help="LUNA16 root folder holding subset0 .. subset9 (default: datasets/luna16)")
-    parser.add_argument("--save", default="generated_cubes",
-                        help="output folder, created if missing (default: generated_cubes)")
-    parser.add_argument("--input_rows", type=_positive_int, default=64, help="cube rows (default: 64)")
-    parser.add_argument("--input_cols", type=_positive_int, default=64, help="cube columns (default: 64)")
-    parser.add_argument("--input_deps", type=_positive_int, default=32, help="cube depth in slices (default: 32)")
-    parser.add_argument("--crop_rows", type=_positive_int, default=64,
-                        help="rows cut from the volume, resized to input_rows when different (default: 64)")
-    parser.add_argument("--crop_cols", type=_positive_int, default=64,
-                        help="columns cut from the volume, resized to input_cols when different (default: 64)")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seed of the one random.Random drawing every window (default: 1, as the original)")
-    parser.add_argument("--workers", type=_non_negative_int, default=2,
-                        help="threads reading the next volumes while the current one is sampled; "
-                        "0 reads in the main thread. The output does not depend on it (default: 2)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="stored dtype; the original stored float64 (default: float32)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="hide the progress bar")
+    parser.add_argument(
+        "--fold",
+        type=int,
+        required=True,
+        choices=range(10),
+        metavar="{0..9}",
+        help="the LUNA16 fold: reads {data}/subset{fold}/ (required)",
+    )
+    parser.add_argument(
+        "--scale", type=_positive_int, default=32, help="cubes per volume (default: 32)"
+    )
+    parser.add_argument(
+        "--data",
+        default="datasets/luna16",
+        help="LUNA16 root folder holding subset0 .. subset9 (default: datasets/luna16)",
+    )
+    parser.add_argument(
+        "--save",
+        default="generated_cubes",
+        help="output folder, created if missing (default: generated_cubes)",
+    )
+    parser.add_argument(
+        "--input_rows", type=_positive_int, default=64, help="cube rows (default: 64)"
+    )
+    parser.add_argument(
+        "--input_cols", type=_positive_int, default=64, help="cube columns (default: 64)"
+    )
+    parser.add_argument(
+        "--input_deps", type=_positive_int, default=32, help="cube depth in slices (default: 32)"
+    )
+    parser.add_argument(
+        "--crop_rows",
+        type=_positive_int,
+        default=64,
+        help="rows cut from the volume, resized to input_rows when different (default: 64)",
+    )
+    parser.add_argument(
+        "--crop_cols",
+        type=_positive_int,
+        default=64,
+        help="columns cut from the volume, resized to input_cols when different (default: 64)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the one random.Random drawing every window (default: 1, as the original)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=2,
+        help="threads reading the next volumes while the current one is sampled; "
+        "0 reads in the main thread. The output does not depend on it (default: 2)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="stored dtype; the original stored float64 (default: float32)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide the progress bar"
+    )
     return parser
 
 
@@ -885,33 +983,52 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
     if not os.path.isdir(args.data):
-        return fail(f"Expected --data to be a LUNA16 root folder holding subset0 .. subset9. "
-                    f"Received: --data={args.data!r} (no such folder)")
+        return fail(
+            f"Expected --data to be a LUNA16 root folder holding subset0 .. subset9. "
+            f"Received: --data={args.data!r} (no such folder)"
+        )
     fold_dir = os.path.join(args.data, f"subset{args.fold}")
     if not os.path.isdir(fold_dir):
-        return fail(f"Expected a fold folder {fold_dir!r} (--data {args.data!r}, --fold {args.fold}). "
-                    f"Received: no such folder")
+        return fail(
+            f"Expected a fold folder {fold_dir!r} (--data {args.data!r}, --fold {args.fold}). "
+            f"Received: no such folder"
+        )
     existing = os.path.abspath(args.save)
     while not os.path.exists(existing):  # the part of --save that exists must be a folder
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        return fail(f"Expected --save to be a folder. Received: --save={args.save!r} ({existing!r} is a file)")
+        return fail(
+            f"Expected --save to be a folder. Received: --save={args.save!r} ({existing!r} is a file)"
+        )
     if os.path.isdir(args.save) and not os.access(args.save, os.W_OK | os.X_OK):
-        return fail(f"Expected a writable --save folder. Received: --save={args.save!r} (not writable)")
+        return fail(
+            f"Expected a writable --save folder. Received: --save={args.save!r} (not writable)"
+        )
     paths = list_volumes(fold_dir)
     if not paths:
-        return fail(f"no volume in {fold_dir!r}: expected .mhd, .mha, .nii, .nii.gz or .nrrd files "
-                    f"or DICOM series folders")
+        return fail(
+            f"no volume in {fold_dir!r}: expected .mhd, .mha, .nii, .nii.gz or .nrrd files "
+            f"or DICOM series folders"
+        )
 
     config = setup_config(
-        input_rows=args.input_rows, input_cols=args.input_cols, input_deps=args.input_deps,
-        crop_rows=args.crop_rows, crop_cols=args.crop_cols, scale=args.scale, DATA_DIR=args.data,
+        input_rows=args.input_rows,
+        input_cols=args.input_cols,
+        input_deps=args.input_deps,
+        crop_rows=args.crop_rows,
+        crop_cols=args.crop_cols,
+        scale=args.scale,
+        DATA_DIR=args.data,
     )
     rng = random.Random(args.seed)
     dtype = np.dtype(args.dtype)
     try:
-        result = extract_fold(paths, config, rng, dtype=dtype, workers=args.workers, progress=args.progress)
-        target = output_path(args.save, args.scale, args.input_rows, args.input_cols, args.input_deps, args.fold)
+        result = extract_fold(
+            paths, config, rng, dtype=dtype, workers=args.workers, progress=args.progress
+        )
+        target = output_path(
+            args.save, args.scale, args.input_rows, args.input_cols, args.input_deps, args.fold
+        )
         shape = None
         if result.n_cubes:
             os.makedirs(args.save, exist_ok=True)
@@ -926,14 +1043,18 @@ def _run(args: argparse.Namespace) -> int:
     empty = [v for v in result.volumes if v.cubes == 0]
     partial = [v for v in used if v.reason]
     seconds = time.perf_counter() - start
-    print(f"fold {args.fold}: {len(paths)} volumes, {len(used)} used, {len(empty)} gave no cube; "
-          f"{result.n_cubes} cubes written; {seconds:.1f} s")
+    print(
+        f"fold {args.fold}: {len(paths)} volumes, {len(used)} used, {len(empty)} gave no cube; "
+        f"{result.n_cubes} cubes written; {seconds:.1f} s"
+    )
     for v in empty:
         print(f"  no cube from {v.path}: {v.reason}")
     for v in partial:
         print(f"  fewer cubes from {v.path}: {v.reason}")
     if shape is None:
-        return fail(f"no cube extracted from the {len(paths)} volumes of {fold_dir!r}; nothing written")
+        return fail(
+            f"no cube extracted from the {len(paths)} volumes of {fold_dir!r}; nothing written"
+        )
     print(f"saved {target}: {dtype.name} {shape}")
     return 0
 

@@ -15,6 +15,7 @@ Example:
     .venv/bin/python benchmarks/bench_extraction.py            # 5 runs each, median
     .venv/bin/python benchmarks/bench_extraction.py --runs 3 --strict   # exit 1 if the bar is missed
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def loop_air_test(window, HU_thred: float, rows: int, cols: int, deps: int, len_depth: int) -> float:
+def loop_air_test(
+    window, HU_thred: float, rows: int, cols: int, deps: int, len_depth: int
+) -> float:
     """Per-voxel loop indexing the NumPy array element by element, like the original."""
     total = 0.0
     for d in range(deps):
@@ -62,9 +65,18 @@ def loop_air_test(window, HU_thred: float, rows: int, cols: int, deps: int, len_
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5, help="subprocess runs of each kind (default: 5)")
-    parser.add_argument("--loop-windows", type=int, default=4, help="windows timed with the loop air test (default: 4)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="subprocess runs of each kind (default: 5)"
+    )
+    parser.add_argument(
+        "--loop-windows",
+        type=int,
+        default=4,
+        help="windows timed with the loop air test (default: 4)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when the bar is missed")
     args = parser.parse_args()
     if not CHEST_CT.exists():
@@ -74,13 +86,28 @@ def main() -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from infinite_generator_3D import infinite_generator_from_one_volume, normalise_hu, setup_config, tissue_score_sum
+    from infinite_generator_3D import (
+        infinite_generator_from_one_volume,
+        normalise_hu,
+        setup_config,
+        tissue_score_sum,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "subset0"))
         os.symlink(CHEST_CT, os.path.join(tmp, "subset0", CHEST_CT.name))
-        extract_cmd = [sys.executable, str(ROOT / "infinite_generator_3D.py"), "--fold", "0", "--scale", "32",
-                       "--data", tmp, "--save", os.path.join(tmp, "out")]  # default flags: progress bar too
+        extract_cmd = [
+            sys.executable,
+            str(ROOT / "infinite_generator_3D.py"),
+            "--fold",
+            "0",
+            "--scale",
+            "32",
+            "--data",
+            tmp,
+            "--save",
+            os.path.join(tmp, "out"),
+        ]  # default flags: progress bar too
         read_cmd = [sys.executable, "-c", READ_AND_CLIP, str(CHEST_CT)]
         timed(read_cmd)  # warm the page cache and the interpreter's files
         extraction, baseline = [], []
@@ -97,7 +124,9 @@ def main() -> int:
     windows = []
     for _ in range(40):
         sx, sy, sz = rng.randint(100, 347), rng.randint(100, 347), rng.randint(30, 75)
-        windows.append(normalise_hu(volume[sx:sx + 64, sy:sy + 64, sz:sz + 35], -1000.0, 1000.0))
+        windows.append(
+            normalise_hu(volume[sx : sx + 64, sy : sy + 64, sz : sz + 35], -1000.0, 1000.0)
+        )
     start = time.perf_counter()
     for w in windows:
         tissue_score_sum(w, config.HU_thred, 32, 3)
@@ -127,16 +156,28 @@ def main() -> int:
     ext, base = statistics.median(extraction), statistics.median(baseline)
     ratio = ext / base
     ok = ratio <= 1.5 and ext <= 1.75
-    print(f"real chest CT {CHEST_CT.name}, scale 32, seed 1; median of {args.runs} runs; {os.cpu_count()} CPUs")
-    print(f"  whole extraction command (subprocess): {ext:.3f} s   (runs: {', '.join(f'{t:.2f}' for t in extraction)})")
-    print(f"  read + clip only (subprocess):         {base:.3f} s   (runs: {', '.join(f'{t:.2f}' for t in baseline)})")
-    print(f"  ratio extraction / read+clip:          {ratio:.2f}   (bar <= 1.5; of the fastest runs: "
-          f"{min(extraction) / min(baseline):.2f})")
+    print(
+        f"real chest CT {CHEST_CT.name}, scale 32, seed 1; median of {args.runs} runs; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"  whole extraction command (subprocess): {ext:.3f} s   (runs: {', '.join(f'{t:.2f}' for t in extraction)})"
+    )
+    print(
+        f"  read + clip only (subprocess):         {base:.3f} s   (runs: {', '.join(f'{t:.2f}' for t in baseline)})"
+    )
+    print(
+        f"  ratio extraction / read+clip:          {ratio:.2f}   (bar <= 1.5; of the fastest runs: "
+        f"{min(extraction) / min(baseline):.2f})"
+    )
     print(f"  extraction vs 35 s / 20 = 1.75 s:      {ext / 1.75:.2f} of the bar")
-    print(f"  sampling in process: {sample_s:.3f} s for {attempts} attempts ({1e3 * sample_s / attempts:.2f} ms/attempt; "
-          f"first call {sample_runs[0]:.3f} s)")
-    print(f"  air test per attempt: array {1e3 * array_s:.2f} ms, loop {1e3 * loop_s:.0f} ms; "
-          f"loop / array = {loop_s / array_s:.0f}x")
+    print(
+        f"  sampling in process: {sample_s:.3f} s for {attempts} attempts ({1e3 * sample_s / attempts:.2f} ms/attempt; "
+        f"first call {sample_runs[0]:.3f} s)"
+    )
+    print(
+        f"  air test per attempt: array {1e3 * array_s:.2f} ms, loop {1e3 * loop_s:.0f} ms; "
+        f"loop / array = {loop_s / array_s:.0f}x"
+    )
     print(f"  bar {'met' if ok else 'MISSED'}")
     return 0 if ok or not args.strict else 1
 

@@ -1,4 +1,5 @@
 """What the benchmark scripts share (not a benchmark itself: `make bench` runs bench_*.py)."""
+
 from __future__ import annotations
 
 import json

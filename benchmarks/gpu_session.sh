@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU measurement of this project in one prepared run, for a lent GPU machine (an H200
-# there has JAX, numba and h5py but no TensorFlow and no Keras 3: Keras travels as wheels).
+# Every GPU benchmark in one go: the U-Net alone, then pre-training end to end (real input
+# pipeline), the GPU step alone and the pipeline alone. Figures go to $OUT (default gpu_out/):
+# machine.txt, unet_throughput.json, train_throughput.json and the logs; docs/benchmarks.md
+# says how to read them.
 #
-# Prepare on the development machine, once per checkout (about 2 MB of wheels):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex==0.1.0 optree==0.20.0
-# Then, with the device tool: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"],
-# timeout_s=580). Results come back under $OUT: unet_throughput.json, train_throughput.json
-# and the logs; copy the figures into README.md (finetuning section's GPU table, the
-# pretraining section's GPU paragraph and "Benchmarks at a glance").
-#
-# Smoke test on a CPU (both scripts' --tiny), e.g. here:
+# On a GPU machine with the requirements installed and JAX with CUDA (TensorFlow is not needed):
+#   KERAS_BACKEND=jax bash benchmarks/gpu_session.sh
+# On an offline machine without Keras, put the wheels of keras, namex and optree in a folder
+# and pass it as WHEELS=folder: they are installed into /tmp/site first.
+# Smoke test on a CPU (both benchmarks' --tiny):
 #   PATH=.venv/bin:$PATH EXTRA=--tiny OUT=/tmp/gpu_smoke bash benchmarks/gpu_session.sh
 #
 # Each step has its own time limit, so one slow compilation cannot cost the other's figures.
@@ -21,9 +17,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${WHEELS:-}
+if [ -n "$WHEELS" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
+        --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1

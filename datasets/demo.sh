@@ -5,7 +5,8 @@
 #
 # Step 1 writes synthetic LUNA16-style chest CT volumes to OUTDIR/luna16 (kept if present),
 # step 2 cuts 64x64x32 training cubes from folds 0 (training) and 1 (validation) into
-# OUTDIR/generated_cubes. Later steps (pre-training, fine-tuning) follow below.
+# OUTDIR/generated_cubes, step 3 pre-trains a small U-Net on them, step 4 fine-tunes it with the
+# README's segmentation snippet.
 # PY selects the interpreter (default: the project's .venv).
 set -euo pipefail
 # Keep TensorFlow's C++ start-up chatter out of the demo's output.
@@ -33,7 +34,6 @@ for fold in 0 1; do
     "$PY" infinite_generator_3D.py --fold "$fold" --scale 32 --data "$LUNA" --save "$CUBES" --no-progress
 done
 
-# ---- Pre-training and fine-tuning (added by the pre-training step; keep after extraction) ----
 WEIGHTS="$OUT/pretrained_weights"
 
 echo "== Step 3: pre-training a small U-Net (4 base filters, 3 short epochs) -> $WEIGHTS"

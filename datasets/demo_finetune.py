@@ -8,6 +8,7 @@ it for a few steps on a toy task made from the demo cubes (label: voxels denser 
     python datasets/demo_finetune.py --weights demo_output/weights/Vnet-genesis_chest_ct.h5 \\
         --cubes demo_output/generated_cubes/bat_32_s_64x64x32_1.npy --n_base_filters 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ from unet3d import *  # noqa: E402,F401,F403 - as the README's snippet does; set
 def h5_kernel(path: str, layer: str):
     """The kernel of `layer` read straight from a Keras .h5 model file with h5py."""
     import h5py
+
     found = []
 
     def visit(name, obj):
@@ -40,12 +42,19 @@ def h5_kernel(path: str, layer: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split(
-        "\n\n")[-1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--weights", required=True, help="pre-trained .h5 (Genesis_Chest_CT.py)")
     parser.add_argument("--cubes", required=True, help="a .npy of cubes (N, 64, 64, 32)")
-    parser.add_argument("--n_base_filters", type=int, default=32,
-                        help="width the weights were trained with (default: 32)")
+    parser.add_argument(
+        "--n_base_filters",
+        type=int,
+        default=32,
+        help="width the weights were trained with (default: 32)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="fine-tuning steps (default: 2)")
     args = parser.parse_args(argv)
 
@@ -54,8 +63,11 @@ def main(argv=None) -> int:
     num_class = 2
     weight_dir = args.weights
 
-    models_genesis = unet_model_3d((1, input_rows, input_cols, input_deps),  # noqa: F405
-                                   batch_normalization=True, n_base_filters=args.n_base_filters)
+    models_genesis = unet_model_3d(
+        (1, input_rows, input_cols, input_deps),  # noqa: F405
+        batch_normalization=True,
+        n_base_filters=args.n_base_filters,
+    )
     print(f"Load pre-trained Models Genesis weights from {weight_dir}")
     models_genesis.load_weights(weight_dir)
 
@@ -63,24 +75,31 @@ def main(argv=None) -> int:
     x = Conv3D(num_class, 1)(x)  # noqa: F405
     output = Softmax(axis=1)(x)  # classes on axis 1: channels-first  # noqa: F405
     model = keras.models.Model(inputs=models_genesis.input, outputs=output)  # noqa: F405
-    model.compile(optimizer="rmsprop", loss=dice_coef_loss,  # noqa: F405
-                  metrics=[mean_iou, dice_coef])  # noqa: F405
+    model.compile(
+        optimizer="rmsprop",
+        loss=dice_coef_loss,  # noqa: F405
+        metrics=[mean_iou, dice_coef],
+    )  # noqa: F405
     # ----------------------------------------------------------------------------
 
     loaded = np.asarray(model.get_layer("depth_0_conv").kernel)
     np.testing.assert_array_equal(loaded, h5_kernel(args.weights, "depth_0_conv"))
-    print(f"Loaded {args.weights} into the segmentation model: depth_0_conv kernel "
-          f"{loaded.shape} equals the file's; {model.count_params()} parameters.")
+    print(
+        f"Loaded {args.weights} into the segmentation model: depth_0_conv kernel "
+        f"{loaded.shape} equals the file's; {model.count_params()} parameters."
+    )
 
     cubes = np.load(args.cubes, mmap_mode="r")
     n = min(len(cubes), 2 * args.steps)
-    images = np.asarray(cubes[:n], dtype=np.float32)[:, None]          # (n, 1, R, C, D)
-    dense = (images > 0.5).astype(np.float32)                          # above 0 HU
-    labels = np.concatenate([1 - dense, dense], axis=1)                # one-hot, channels first
+    images = np.asarray(cubes[:n], dtype=np.float32)[:, None]  # (n, 1, R, C, D)
+    dense = (images > 0.5).astype(np.float32)  # above 0 HU
+    labels = np.concatenate([1 - dense, dense], axis=1)  # one-hot, channels first
     history = model.fit(images, labels, batch_size=2, epochs=1, verbose=2)
-    print(f"Fine-tuned {n} cubes for one epoch: dice_coef "
-          f"{history.history['dice_coef'][-1]:.3f}, mean_iou "
-          f"{history.history['mean_iou'][-1]:.3f}.")
+    print(
+        f"Fine-tuned {n} cubes for one epoch: dice_coef "
+        f"{history.history['dice_coef'][-1]:.3f}, mean_iou "
+        f"{history.history['mean_iou'][-1]:.3f}."
+    )
     return 0
 
 

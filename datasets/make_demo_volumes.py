@@ -15,25 +15,32 @@ only when complete (written next to it under a temporary name, then renamed).
 Example:
     python datasets/make_demo_volumes.py --out demo_output/luna16 --subsets 0 1 --per-subset 2
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras"))
+from genesis_files import atomic_path
 
-def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], factor: Sequence[int], sigma: Sequence[float]) -> np.ndarray:
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: Sequence[int], factor: Sequence[int], sigma: Sequence[float]
+) -> np.ndarray:
     """Zero-mean, unit-variance smooth noise of ``shape``, made at a lower resolution and upsampled."""
     from scipy import ndimage
 
     small = [-(-s // f) for s, f in zip(shape, factor)]
-    field = ndimage.gaussian_filter(rng.standard_normal(small).astype(np.float32), sigma, mode="wrap")
+    field = ndimage.gaussian_filter(
+        rng.standard_normal(small).astype(np.float32), sigma, mode="wrap"
+    )
     field /= field.std() + 1e-12
     for axis, f in enumerate(factor):
         if f > 1:
@@ -74,7 +81,9 @@ def synthetic_chest_ct(shape_xyz: Sequence[int], rng: np.random.Generator) -> np
     lung = np.zeros(hu.shape, dtype=bool)
     for side in (-1, 1):
         cu = side * 0.43 * jitter(0.03)
-        lung |= superellipse(cu, -0.03, 0.37 * jitter(0.03) * taper, 0.55 * jitter(0.03) * taper, 2.6)
+        lung |= superellipse(
+            cu, -0.03, 0.37 * jitter(0.03) * taper, 0.55 * jitter(0.03) * taper, 2.6
+        )
     lung &= inner
     texture = 25.0 * _smooth_noise(rng, hu.shape, (2, 8, 8), (1.0, 1.5, 1.5))
     hu[lung] = -850.0 + texture[lung]
@@ -85,12 +94,16 @@ def synthetic_chest_ct(shape_xyz: Sequence[int], rng: np.random.Generator) -> np
     vessel_width = 0.22
     closeness = np.maximum(np.abs(f1), np.abs(f2)) / vessel_width
     vessel = lung & (closeness < 1)
-    hu[vessel] = (-850.0 + (40.0 + 850.0) * (1 - closeness[vessel] ** 4))  # soft edges (partial volume)
+    hu[vessel] = -850.0 + (40.0 + 850.0) * (
+        1 - closeness[vessel] ** 4
+    )  # soft edges (partial volume)
 
     # Spine behind the mediastinum and ribs just inside the fat layer, both bone.
     spine = superellipse(0, body_b - 0.22, 0.09, 0.09, 2.0)
     hu[np.broadcast_to(spine, hu.shape)] = 700.0
-    ring = superellipse(0, 0, body_a - 0.08, body_b - 0.08, 2.2) & ~superellipse(0, 0, body_a - 0.12, body_b - 0.12, 2.2)
+    ring = superellipse(0, 0, body_a - 0.08, body_b - 0.08, 2.2) & ~superellipse(
+        0, 0, body_a - 0.12, body_b - 0.12, 2.2
+    )
     angle = np.arctan2(v, u)
     rib_phase = rng.uniform(0, 2 * np.pi)
     ribs = ring & (np.sin(9 * angle + rib_phase + 28 * t) > 0.55)
@@ -105,8 +118,14 @@ def fake_series_uid(rng: np.random.Generator) -> str:
     return "2.25." + "".join(str(d) for d in rng.integers(0, 10, size=38)).lstrip("0")
 
 
-def write_volumes(out: str, subsets: Sequence[int], per_subset: int, shape_xyz: Sequence[int],
-                  spacing: Sequence[float], seed: int) -> list[str]:
+def write_volumes(
+    out: str,
+    subsets: Sequence[int],
+    per_subset: int,
+    shape_xyz: Sequence[int],
+    spacing: Sequence[float],
+    seed: int,
+) -> list[str]:
     """Write the volumes under ``out`` (which must not exist yet), atomically as a whole.
 
     Args:
@@ -122,11 +141,9 @@ def write_volumes(out: str, subsets: Sequence[int], per_subset: int, shape_xyz: 
     """
     import SimpleITK as sitk
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(out)) + ".", dir=parent)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     written = []
-    try:
+    with atomic_path(out) as tmp:
         for subset in subsets:
             os.makedirs(os.path.join(tmp, f"subset{subset}"))
             for index in range(per_subset):
@@ -134,17 +151,14 @@ def write_volumes(out: str, subsets: Sequence[int], per_subset: int, shape_xyz: 
                 image = sitk.GetImageFromArray(synthetic_chest_ct(shape_xyz, rng))
                 image.SetSpacing(tuple(float(s) for s in spacing))
                 # LUNA16-like origin (mm): centred in x and y, the scan starting below the lungs.
-                image.SetOrigin((-shape_xyz[0] * spacing[0] / 2, -shape_xyz[1] * spacing[1] / 2, -300.0))
+                image.SetOrigin(
+                    (-shape_xyz[0] * spacing[0] / 2, -shape_xyz[1] * spacing[1] / 2, -300.0)
+                )
                 name = fake_series_uid(rng) + ".mhd"
-                sitk.WriteImage(image, os.path.join(tmp, f"subset{subset}", name), useCompression=False)
+                sitk.WriteImage(
+                    image, os.path.join(tmp, f"subset{subset}", name), useCompression=False
+                )
                 written.append(os.path.join(out, f"subset{subset}", name))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return written
 
 
@@ -156,35 +170,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         "then:\n  python infinite_generator_3D.py --fold 0 --data demo_output/luna16 --save demo_output/generated_cubes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="datasets/demo_luna16",
-                        help="root folder to create (must not exist unless --overwrite) (default: datasets/demo_luna16)")
-    parser.add_argument("--subsets", type=int, nargs="+", default=[0, 1], help="subset numbers (default: 0 1)")
+    parser.add_argument(
+        "--out",
+        default="datasets/demo_luna16",
+        help="root folder to create (must not exist unless --overwrite) (default: datasets/demo_luna16)",
+    )
+    parser.add_argument(
+        "--subsets", type=int, nargs="+", default=[0, 1], help="subset numbers (default: 0 1)"
+    )
     parser.add_argument("--per-subset", type=int, default=2, help="volumes per subset (default: 2)")
-    parser.add_argument("--size", type=int, nargs=3, default=[384, 384, 112], metavar=("X", "Y", "Z"),
-                        help="volume size in voxels; z >= 96 for 64x64x32 cubes, and x, y >= 384 so that the lungs reach into "
-                        "the region the 100-voxel border leaves to 64x64 windows (default: 384 384 112)")
-    parser.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5], metavar=("SX", "SY", "SZ"),
-                        help="voxel spacing in mm (default: 0.8 0.8 2.5)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=[384, 384, 112],
+        metavar=("X", "Y", "Z"),
+        help="volume size in voxels; z >= 96 for 64x64x32 cubes, and x, y >= 384 so that the lungs reach into "
+        "the region the 100-voxel border leaves to 64x64 windows (default: 384 384 112)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=[0.8, 0.8, 2.5],
+        metavar=("SX", "SY", "SZ"),
+        help="voxel spacing in mm (default: 0.8 0.8 2.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
 
     if any(s not in range(10) for s in args.subsets):
-        parser.error(f"Expected subset numbers in 0..9. Received: --subsets {' '.join(map(str, args.subsets))}")
+        parser.error(
+            f"Expected subset numbers in 0..9. Received: --subsets {' '.join(map(str, args.subsets))}"
+        )
     if args.per_subset < 1:
         parser.error(f"Expected --per-subset >= 1. Received: {args.per_subset}")
     if min(args.size) < 1 or min(args.spacing) <= 0:
-        parser.error(f"Expected positive sizes and spacings. Received: --size {args.size} --spacing {args.spacing}")
+        parser.error(
+            f"Expected positive sizes and spacings. Received: --size {args.size} --spacing {args.spacing}"
+        )
     if os.path.exists(args.out):
         if not args.overwrite:
-            print(f"error: Expected --out to be a new folder. Received: --out={args.out!r} exists "
-                  f"(pass --overwrite to replace it)", file=sys.stderr)
+            print(
+                f"error: Expected --out to be a new folder. Received: --out={args.out!r} exists "
+                f"(pass --overwrite to replace it)",
+                file=sys.stderr,
+            )
             return 1
         shutil.rmtree(args.out)
     start = time.perf_counter()
-    paths = write_volumes(args.out, args.subsets, args.per_subset, args.size, args.spacing, args.seed)
-    print(f"wrote {len(paths)} volumes of {'x'.join(map(str, args.size))} voxels under {args.out} "
-          f"in {time.perf_counter() - start:.1f} s")
+    paths = write_volumes(
+        args.out, args.subsets, args.per_subset, args.size, args.spacing, args.seed
+    )
+    print(
+        f"wrote {len(paths)} volumes of {'x'.join(map(str, args.size))} voxels under {args.out} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

@@ -28,6 +28,7 @@ Two things differ from a plain Keras 3 port, both with the same weights and file
   layer that does not fit, with both shapes), and whose ``save``/``save_weights`` write to a
   temporary file and rename it, so an interrupted save never leaves a truncated file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,12 +36,14 @@ import io
 import os
 import tempfile
 import zipfile
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import h5py
+from keras.layers import Dense, GlobalAveragePooling3D, Softmax
+
 import keras
 from keras import ops
-from keras.layers import Dense, GlobalAveragePooling3D, Softmax
 
 __all__ = [
     "unet_model_3d",
@@ -125,6 +128,7 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
 # Weight files
 # --------------------------------------------------------------------------------------------
 
+
 def _decode(values) -> list[str]:
     return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
 
@@ -186,7 +190,9 @@ def check_legacy_h5_weights(model: keras.Model, filepath: str | os.PathLike) -> 
     """
     filepath = os.fspath(filepath)
     if not os.path.isfile(filepath):
-        raise FileNotFoundError(f"Expected an existing weights file. Received: filepath={filepath!r}")
+        raise FileNotFoundError(
+            f"Expected an existing weights file. Received: filepath={filepath!r}"
+        )
     with h5py.File(filepath, "r") as f:
         file_layers = _file_layers(_legacy_h5_root(f, filepath))
     model_layers = _model_layers(model)
@@ -276,7 +282,8 @@ def _atomic_target(filepath: str) -> Iterator[str]:
     suffix = next(s for s in _SAVE_SUFFIXES if filepath.endswith(s))
     folder = os.path.dirname(os.path.abspath(filepath))
     fd, tmp = tempfile.mkstemp(
-        prefix="." + os.path.basename(filepath)[: -len(suffix)] + ".", suffix=".tmp" + suffix,
+        prefix="." + os.path.basename(filepath)[: -len(suffix)] + ".",
+        suffix=".tmp" + suffix,
         dir=folder,
     )
     os.close(fd)
@@ -310,11 +317,15 @@ class UNet3D(keras.Model):
     Everything else, formats included, is Keras' own.
     """
 
-    def load_weights(self, filepath: str | os.PathLike, skip_mismatch: bool = False, **kwargs: Any) -> None:
+    def load_weights(
+        self, filepath: str | os.PathLike, skip_mismatch: bool = False, **kwargs: Any
+    ) -> None:
         path = os.fspath(filepath)
         is_legacy = path.endswith((".h5", ".hdf5")) and not path.endswith(".weights.h5")
         if not os.path.exists(path) and not path.endswith(".weights.json"):
-            raise FileNotFoundError(f"Expected an existing weights file. Received: filepath={path!r}")
+            raise FileNotFoundError(
+                f"Expected an existing weights file. Received: filepath={path!r}"
+            )
         if not skip_mismatch:
             if is_legacy and not kwargs.get("by_name"):
                 check_legacy_h5_weights(self, path)
@@ -323,7 +334,11 @@ class UNet3D(keras.Model):
         return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def save(
-        self, filepath: str | os.PathLike, overwrite: bool = True, zipped: bool | None = None, **kwargs: Any
+        self,
+        filepath: str | os.PathLike,
+        overwrite: bool = True,
+        zipped: bool | None = None,
+        **kwargs: Any,
     ) -> None:
         if not _atomic_ok(filepath, overwrite) or zipped is False:
             return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
@@ -331,10 +346,15 @@ class UNet3D(keras.Model):
             super().save(tmp, overwrite=True, zipped=zipped, **kwargs)
 
     def save_weights(
-        self, filepath: str | os.PathLike, overwrite: bool = True, max_shard_size: float | None = None
+        self,
+        filepath: str | os.PathLike,
+        overwrite: bool = True,
+        max_shard_size: float | None = None,
     ) -> None:
         if not _atomic_ok(filepath, overwrite) or max_shard_size is not None:
-            return super().save_weights(filepath, overwrite=overwrite, max_shard_size=max_shard_size)
+            return super().save_weights(
+                filepath, overwrite=overwrite, max_shard_size=max_shard_size
+            )
         with _atomic_target(os.fspath(filepath)) as tmp:
             super().save_weights(tmp, overwrite=True)
 
@@ -342,6 +362,7 @@ class UNet3D(keras.Model):
 # --------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------
+
 
 def valid_spatial_sizes(size: int, factor: int) -> tuple[int, int]:
     """The nearest multiples of ``factor`` below and above ``size`` (the lower one at least ``factor``).
@@ -361,8 +382,14 @@ def valid_spatial_sizes(size: int, factor: int) -> tuple[int, int]:
 def _check_input_shape(input_shape, pool_size, depth: int, data_format: str) -> tuple:
     shape = tuple(input_shape)
     if len(shape) != 4:
-        order = "(channels, rows, cols, deps)" if data_format == "channels_first" else "(rows, cols, deps, channels)"
-        raise ValueError(f"Expected input_shape={order} for {data_format}. Received: input_shape={input_shape!r}")
+        order = (
+            "(channels, rows, cols, deps)"
+            if data_format == "channels_first"
+            else "(rows, cols, deps, channels)"
+        )
+        raise ValueError(
+            f"Expected input_shape={order} for {data_format}. Received: input_shape={input_shape!r}"
+        )
     spatial = shape[1:] if data_format == "channels_first" else shape[:3]
     for axis, size, pool in zip(("rows", "cols", "deps"), spatial, pool_size):
         factor = int(pool) ** (depth - 1)
@@ -423,12 +450,16 @@ def unet_model_3d(
     """
     data_format = "channels_first" if data_format is None else data_format
     if data_format not in _DATA_FORMATS:
-        raise ValueError(f"Expected data_format in {_DATA_FORMATS} or None. Received: data_format={data_format!r}")
+        raise ValueError(
+            f"Expected data_format in {_DATA_FORMATS} or None. Received: data_format={data_format!r}"
+        )
     if isinstance(pool_size, int):
         pool_size = (pool_size,) * 3
     pool_size = tuple(int(p) for p in pool_size)
     if len(pool_size) != 3 or min(pool_size) < 1:
-        raise ValueError(f"Expected pool_size of three positive ints. Received: pool_size={pool_size!r}")
+        raise ValueError(
+            f"Expected pool_size of three positive ints. Received: pool_size={pool_size!r}"
+        )
     if int(depth) < 1:
         raise ValueError(f"Expected depth >= 1. Received: depth={depth!r}")
     shape = _check_input_shape(input_shape, pool_size, int(depth), data_format)
@@ -438,7 +469,9 @@ def unet_model_3d(
 
     def conv_block(x, filters: int):
         nonlocal block
-        x = Conv3D(filters, 3, padding="same", data_format=data_format, name=f"depth_{block}_conv")(x)
+        x = Conv3D(filters, 3, padding="same", data_format=data_format, name=f"depth_{block}_conv")(
+            x
+        )
         if batch_normalization:
             x = keras.layers.BatchNormalization(axis=channel_axis, name=f"depth_{block}_bn")(x)
         x = keras.layers.Activation("relu", name=f"depth_{block}_relu")(x)
@@ -453,14 +486,22 @@ def unet_model_3d(
         x = conv_block(x, n_base_filters * 2**d * 2)
         if d < depth - 1:
             skips.append(x)
-            x = keras.layers.MaxPooling3D(pool_size, data_format=data_format, name=f"level_{d}_pool")(x)
+            x = keras.layers.MaxPooling3D(
+                pool_size, data_format=data_format, name=f"level_{d}_pool"
+            )(x)
     for d in range(depth - 2, -1, -1):
         if deconvolution:
             x = Conv3DTranspose(
-                x.shape[channel_axis], pool_size, strides=pool_size, data_format=data_format, name=f"level_{d}_up"
+                x.shape[channel_axis],
+                pool_size,
+                strides=pool_size,
+                data_format=data_format,
+                name=f"level_{d}_up",
             )(x)
         else:
-            x = keras.layers.UpSampling3D(pool_size, data_format=data_format, name=f"level_{d}_up")(x)
+            x = keras.layers.UpSampling3D(pool_size, data_format=data_format, name=f"level_{d}_up")(
+                x
+            )
         skip = skips[d]
         x = keras.layers.Concatenate(axis=channel_axis, name=f"level_{d}_concat")([x, skip])
         x = conv_block(x, skip.shape[channel_axis])
@@ -473,6 +514,7 @@ def unet_model_3d(
 # --------------------------------------------------------------------------------------------
 # Fine-tuning losses and metrics (keras.ops only, so they run on every backend)
 # --------------------------------------------------------------------------------------------
+
 
 def dice_coef(y_true: Any, y_pred: Any, smooth: float = 1.0) -> Any:
     """Soft Dice over the whole flattened batch: ``(2 sum(t p) + s) / (sum(t) + sum(p) + s)``.

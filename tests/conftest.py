@@ -1,4 +1,5 @@
 """Shared test setup: the location of the real CT data."""
+
 from pathlib import Path
 
 import pytest

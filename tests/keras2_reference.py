@@ -10,13 +10,14 @@ conv and the activation keep tf_keras' generated names.
 Reference outputs come from a channels-last tf_keras twin with the same weights, because
 TensorFlow on CPU cannot run a channels-first 3D convolution.
 """
+
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
 import warnings
-import atexit
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,9 @@ def _build(tfk, cfg: dict, data_format: str):
 
     def block(x, f):
         nonlocal k
-        x = layers.Conv3D(f, (3, 3, 3), padding="same", data_format=data_format, name=f"depth_{k}_conv")(x)
+        x = layers.Conv3D(
+            f, (3, 3, 3), padding="same", data_format=data_format, name=f"depth_{k}_conv"
+        )(x)
         if cfg["batch_normalization"]:
             x = layers.BatchNormalization(axis=axis, name=f"depth_{k}_bn")(x)
         x = layers.Activation("relu", name=f"depth_{k}_relu")(x)
@@ -65,7 +68,9 @@ def _build(tfk, cfg: dict, data_format: str):
             x = layers.MaxPooling3D((2, 2, 2), data_format=data_format)(x)
     for level in range(depth - 2, -1, -1):
         if cfg["deconvolution"]:
-            x = layers.Conv3DTranspose(x.shape[axis], (2, 2, 2), strides=(2, 2, 2), data_format=data_format)(x)
+            x = layers.Conv3DTranspose(
+                x.shape[axis], (2, 2, 2), strides=(2, 2, 2), data_format=data_format
+            )(x)
         else:
             x = layers.UpSampling3D((2, 2, 2), data_format=data_format)(x)
         x = layers.Concatenate(axis=axis)([x, skips[level]])
@@ -87,8 +92,12 @@ def keras2_reference(
 ) -> Keras2Reference:
     """Write (once per process and config) a Keras 2 U-Net's .h5 files and a reference output."""
     cfg = dict(
-        input_shape=tuple(input_shape), depth=depth, n_base_filters=n_base_filters,
-        batch_normalization=batch_normalization, deconvolution=deconvolution, n_labels=n_labels,
+        input_shape=tuple(input_shape),
+        depth=depth,
+        n_base_filters=n_base_filters,
+        batch_normalization=batch_normalization,
+        deconvolution=deconvolution,
+        n_labels=n_labels,
     )
     key = (tuple(sorted(cfg.items())), seed)
     if key in _CACHE:
@@ -100,14 +109,16 @@ def keras2_reference(
     weights = []
     for w in cf_model.weights:
         shape = tuple(w.shape)
-        if "moving_variance" in w.name:
-            value = rng.uniform(0.5, 1.5, shape)
-        elif "gamma" in w.name:
+        if "moving_variance" in w.name or "gamma" in w.name:
             value = rng.uniform(0.5, 1.5, shape)
         else:
             # Large enough that a wrong bias axis or a transposed kernel shows far above 1e-5.
             fan_in = max(1, int(np.prod(shape[:-1])))
-            value = rng.normal(0, 1.0 / np.sqrt(fan_in), shape) if "kernel" in w.name else rng.normal(0, 0.3, shape)
+            value = (
+                rng.normal(0, 1.0 / np.sqrt(fan_in), shape)
+                if "kernel" in w.name
+                else rng.normal(0, 0.3, shape)
+            )
         weights.append(value.astype("float32"))
     cf_model.set_weights(weights)
     folder = os.path.join(_TMP, f"ref{len(_CACHE)}")

@@ -1,4 +1,5 @@
 """Reading volumes, bad input, the command line and the demo data of infinite_generator_3D.py."""
+
 from __future__ import annotations
 
 import gzip
@@ -8,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import extraction_reference as ref
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import extraction_reference as ref
 import infinite_generator_3D as ig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,13 @@ def expected_fold_cubes(volumes_zyx, scale, seed=1):
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -63,7 +69,9 @@ def run_cli(*args, cwd=ROOT):
 
 @pytest.mark.parametrize("suffix", [".mhd", ".mha", ".nii", ".nii.gz", ".nrrd"])
 def test_read_volume_formats_give_xyz_order(tmp_path, suffix):
-    vol = np.random.default_rng(0).integers(-1000, 1000, size=(7, 6, 5)).astype(np.int16)  # (z, y, x)
+    vol = (
+        np.random.default_rng(0).integers(-1000, 1000, size=(7, 6, 5)).astype(np.int16)
+    )  # (z, y, x)
     path = write(tmp_path / f"v{suffix}", vol)
     got = ig.read_volume(str(path))
     assert got.shape == (5, 6, 7)
@@ -77,7 +85,16 @@ def test_read_dicom_series_folder(abdomen_dicom_path):
 
 
 def test_list_volumes_sorted_and_filtered(tmp_path):
-    for name in ["b.mhd", "b.raw", "a.nii.gz", "C.NRRD", "notes.txt", ".hidden.mhd", "z.mha", "d.nii"]:
+    for name in [
+        "b.mhd",
+        "b.raw",
+        "a.nii.gz",
+        "C.NRRD",
+        "notes.txt",
+        ".hidden.mhd",
+        "z.mha",
+        "d.nii",
+    ]:
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "dicom_dir").mkdir()
     names = [os.path.basename(p) for p in ig.list_volumes(str(tmp_path))]
@@ -97,10 +114,14 @@ def test_bad_files_raise_clear_errors(tmp_path):
     cases[p] = r"cannot read: data file trunc\.raw holds 12000 bytes of image data, expected 24000"
     p = write(tmp_path / "trunc.mha", vol)  # ITK itself says "No such file or directory" here
     _truncate(p)
-    cases[p] = r"cannot read: trunc\.mha holds \d+ bytes of image data, expected 24000 \(truncated\?\)"
+    cases[p] = (
+        r"cannot read: trunc\.mha holds \d+ bytes of image data, expected 24000 \(truncated\?\)"
+    )
     p = write(tmp_path / "ztrunc.mha", vol, useCompression=True)
     _truncate(p)
-    cases[p] = r"cannot read: ztrunc\.mha holds \d+ bytes of image data, expected \d+ \(truncated\?\)"
+    cases[p] = (
+        r"cannot read: ztrunc\.mha holds \d+ bytes of image data, expected \d+ \(truncated\?\)"
+    )
     p = write(tmp_path / "noraw.mhd", vol)
     (tmp_path / "noraw.raw").unlink()
     cases[p] = r"cannot read: data file noraw\.raw not found"
@@ -119,7 +140,12 @@ def test_bad_files_raise_clear_errors(tmp_path):
     bad = vol.astype(np.float32)
     bad[3, 4, 5] = np.nan
     bad[0, 0, 0] = np.inf
-    for name in ("nan.mha", "nan.nrrd", "nan.nii", "nan.nii.gz"):  # ITK reads NIfTI's NaN and inf as 0
+    for name in (
+        "nan.mha",
+        "nan.nrrd",
+        "nan.nii",
+        "nan.nii.gz",
+    ):  # ITK reads NIfTI's NaN and inf as 0
         p = write(tmp_path / name, bad)
         cases[p] = r"Expected finite HU values\. Received: 2 NaN or infinite voxels"
     p = write(tmp_path / "nan64.nii.gz", bad.astype(np.float64))
@@ -132,7 +158,9 @@ def test_bad_files_raise_clear_errors(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     cases[tmp_path / "empty_dir"] = r"no DICOM series found in this folder$"
     write(tmp_path / "nested" / "x.mhd", vol)
-    cases[tmp_path / "nested"] = r"no DICOM series found.*holds 1 volume files \(x\.mhd, \.\.\.\): volumes must sit"
+    cases[tmp_path / "nested"] = (
+        r"no DICOM series found.*holds 1 volume files \(x\.mhd, \.\.\.\): volumes must sit"
+    )
     for path, pattern in cases.items():
         with pytest.raises(ig.VolumeError, match=pattern):
             ig.read_volume(str(path))
@@ -157,7 +185,9 @@ def test_dicom_folder_with_a_truncated_slice_is_refused(tmp_path, abdomen_dicom_
     assert ig.read_volume(str(folder)).shape == (512, 512, 20)
     victim = sorted(p for p in folder.iterdir() if p.name != "notes.txt")[7]
     _truncate(victim)
-    with pytest.raises(ig.VolumeError, match=rf"DICOM file {victim.name} in this folder is unreadable or truncated"):
+    with pytest.raises(
+        ig.VolumeError, match=rf"DICOM file {victim.name} in this folder is unreadable or truncated"
+    ):
         ig.read_volume(str(folder))
 
 
@@ -187,7 +217,9 @@ def mixed_fold(tmp_path, abdomen_dicom_path):
     write(fold / "d_nan.mha", np.full((100, 280, 280), np.nan, np.float32))
     os.symlink(abdomen_dicom_path, fold / "e_dicom20")
     write(fold / "f_good.nii.gz", good[1])
-    write(fold / "g_tissue.nrrd", np.zeros((100, 280, 280), np.int16))  # all windows fail the air test
+    write(
+        fold / "g_tissue.nrrd", np.zeros((100, 280, 280), np.int16)
+    )  # all windows fail the air test
     return data, good
 
 
@@ -196,19 +228,28 @@ def test_cli_end_to_end_workers_give_identical_bytes(mixed_fold, tmp_path):
     outputs = []
     for workers in (1, 2):
         save = tmp_path / f"out{workers}"
-        proc = run_cli("--fold", 3, "--scale", 4, "--data", data, "--save", save, "--workers", workers)
+        proc = run_cli(
+            "--fold", 3, "--scale", 4, "--data", data, "--save", save, "--workers", workers
+        )
         assert proc.returncode == 0, proc.stderr
         assert sorted(os.listdir(save)) == ["bat_4_s_64x64x32_3.npy"]  # no temp file left
         outputs.append((save / "bat_4_s_64x64x32_3.npy").read_bytes())
         out = proc.stdout
         assert "fold 3: 7 volumes, 2 used, 5 gave no cube; 8 cubes written" in out
-        assert f"no cube from {data}/subset3/b_small.mhd: too small for the borders: expected x >= 265 and y >= 265" in out
+        assert (
+            f"no cube from {data}/subset3/b_small.mhd: too small for the borders: expected x >= 265 and y >= 265"
+            in out
+        )
         assert "c_trunc.mhd: cannot read: data file c_trunc.raw holds" in out
         assert "d_nan.mha: Expected finite HU values" in out
         assert "e_dicom20: too few slices: expected z >= 96" in out and "Received: z=20" in out
         assert "g_tissue.nrrd: gave no cube: all 200 windows failed the air test" in out
         # Problems are also warned about on stderr as they happen.
-        assert "warning: skipping" in proc.stderr and "b_small.mhd" in proc.stderr and "c_trunc.mhd" in proc.stderr
+        assert (
+            "warning: skipping" in proc.stderr
+            and "b_small.mhd" in proc.stderr
+            and "c_trunc.mhd" in proc.stderr
+        )
         assert "7/7" in proc.stderr and "volume" in proc.stderr  # the tqdm bar over volumes
     assert outputs[0] == outputs[1]
     saved = np.load(tmp_path / "out1" / "bat_4_s_64x64x32_3.npy")
@@ -219,13 +260,49 @@ def test_cli_end_to_end_workers_give_identical_bytes(mixed_fold, tmp_path):
 def test_float64_output_equals_reference_and_seed_changes_it(mixed_fold, tmp_path, capsys):
     data, good = mixed_fold
     save = tmp_path / "out"
-    assert ig.main(["--fold", "3", "--scale", "2", "--data", str(data), "--save", str(save), "--dtype", "float64",
-                    "--workers", "0", "--no-progress"]) == 0
+    assert (
+        ig.main(
+            [
+                "--fold",
+                "3",
+                "--scale",
+                "2",
+                "--data",
+                str(data),
+                "--save",
+                str(save),
+                "--dtype",
+                "float64",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     saved = np.load(save / "bat_2_s_64x64x32_3.npy")
     assert saved.dtype == np.float64
     assert np.array_equal(saved, expected_fold_cubes(good, scale=2))
-    assert ig.main(["--fold", "3", "--scale", "2", "--data", str(data), "--save", str(save), "--dtype", "float64",
-                    "--seed", "5", "--no-progress"]) == 0
+    assert (
+        ig.main(
+            [
+                "--fold",
+                "3",
+                "--scale",
+                "2",
+                "--data",
+                str(data),
+                "--save",
+                str(save),
+                "--dtype",
+                "float64",
+                "--seed",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     other = np.load(save / "bat_2_s_64x64x32_3.npy")
     assert np.array_equal(other, expected_fold_cubes(good, scale=2, seed=5))
     assert not np.array_equal(other, saved)
@@ -242,8 +319,14 @@ def test_skipped_volume_draws_no_random_numbers(tmp_path):
             write(fold / "b.mhd", np.full((100, 100, 300), -1000, np.int16))  # x too small
             write(fold / "bb.mhd", np.full((40, 300, 300), -1000, np.int16))  # too few slices
         write(fold / "c.mhd", good[1])
-        result = ig.extract_fold(ig.list_volumes(str(fold)), ig.setup_config(scale=3), random.Random(1),
-                                 workers=0, progress=False, warn=lambda m: None)
+        result = ig.extract_fold(
+            ig.list_volumes(str(fold)),
+            ig.setup_config(scale=3),
+            random.Random(1),
+            workers=0,
+            progress=False,
+            warn=lambda m: None,
+        )
         runs[name] = np.concatenate(result.cubes)
     assert np.array_equal(runs["plain"], runs["with_bad"])
 
@@ -252,7 +335,10 @@ def test_skipped_volume_draws_no_random_numbers(tmp_path):
 
 
 def test_missing_data_folder(tmp_path, capsys):
-    assert ig.main(["--fold", "0", "--data", str(tmp_path / "nope"), "--save", str(tmp_path / "s")]) == 1
+    assert (
+        ig.main(["--fold", "0", "--data", str(tmp_path / "nope"), "--save", str(tmp_path / "s")])
+        == 1
+    )
     err = capsys.readouterr().err
     assert "Expected --data to be a LUNA16 root folder" in err and "nope" in err
     assert not (tmp_path / "s").exists()
@@ -274,8 +360,10 @@ def test_fold_without_volumes(tmp_path, capsys):
 def test_fold_with_only_bad_volumes_writes_nothing(tmp_path):
     fold = tmp_path / "data" / "subset0"
     fold.mkdir(parents=True)
-    (fold / "broken.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 300 300 100\n"
-                                     "ElementType = MET_SHORT\nElementDataFile = broken.raw\n")
+    (fold / "broken.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 300 300 100\n"
+        "ElementType = MET_SHORT\nElementDataFile = broken.raw\n"
+    )
     write(fold / "tiny.nii.gz", np.full((100, 10, 10), -1000, np.int16))
     save = tmp_path / "save"
     save.mkdir()
@@ -287,13 +375,16 @@ def test_fold_with_only_bad_volumes_writes_nothing(tmp_path):
     assert os.listdir(save) == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--fold", "10"], "invalid choice"),
-    (["--scale", "4"], "required: --fold"),
-    (["--fold", "0", "--scale", "0"], "Expected a positive integer. Received: 0"),
-    (["--fold", "0", "--workers", "-1"], "Expected an integer >= 0. Received: -1"),
-    (["--fold", "0", "--dtype", "float16"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fold", "10"], "invalid choice"),
+        (["--scale", "4"], "required: --fold"),
+        (["--fold", "0", "--scale", "0"], "Expected a positive integer. Received: 0"),
+        (["--fold", "0", "--workers", "-1"], "Expected an integer >= 0. Received: -1"),
+        (["--fold", "0", "--dtype", "float16"], "invalid choice"),
+    ],
+)
 def test_bad_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         ig.main(argv)
@@ -306,8 +397,20 @@ def test_help_shows_example(capsys):
         ig.main(["--help"])
     out = capsys.readouterr().out
     assert "python infinite_generator_3D.py --fold 0 --scale 32 --data" in out
-    for flag in ["--fold", "--scale", "--data", "--save", "--input_rows", "--input_cols", "--input_deps",
-                 "--crop_rows", "--crop_cols", "--seed", "--workers", "--dtype"]:
+    for flag in [
+        "--fold",
+        "--scale",
+        "--data",
+        "--save",
+        "--input_rows",
+        "--input_cols",
+        "--input_deps",
+        "--crop_rows",
+        "--crop_cols",
+        "--seed",
+        "--workers",
+        "--dtype",
+    ]:
         assert flag in out
 
 
@@ -343,7 +446,9 @@ def test_interrupt_during_extraction_writes_nothing(mixed_fold, tmp_path, monkey
 
     monkeypatch.setattr(ig, "infinite_generator_from_one_volume", interrupt)
     save = tmp_path / "save"
-    assert ig.main(["--fold", "3", "--data", str(data), "--save", str(save), "--no-progress"]) == 130
+    assert (
+        ig.main(["--fold", "3", "--data", str(data), "--save", str(save), "--no-progress"]) == 130
+    )
     assert "interrupted" in capsys.readouterr().err
     assert not save.exists() or os.listdir(save) == []
 
@@ -353,8 +458,22 @@ def test_interrupt_during_extraction_writes_nothing(mixed_fold, tmp_path, monkey
 
 def test_demo_volumes_are_luna16_like_and_give_cubes(tmp_path):
     out = tmp_path / "luna16"
-    cmd = [sys.executable, str(ROOT / "datasets" / "make_demo_volumes.py"), "--out", str(out), "--subsets", "2",
-           "--per-subset", "1", "--size", "384", "384", "96", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "datasets" / "make_demo_volumes.py"),
+        "--out",
+        str(out),
+        "--subsets",
+        "2",
+        "--per-subset",
+        "1",
+        "--size",
+        "384",
+        "384",
+        "96",
+        "--seed",
+        "3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     names = sorted(os.listdir(out / "subset2"))
@@ -368,7 +487,9 @@ def test_demo_volumes_are_luna16_like_and_give_cubes(tmp_path):
     assert hu.min() >= -1024 and hu.max() > 300  # air and bone
     centre = hu[48, 100:284, 100:284]
     assert np.mean(centre < -500) > 0.5  # lungs where windows can be drawn
-    cubes = ig.infinite_generator_from_one_volume(ig.setup_config(scale=4), hu.transpose(2, 1, 0), random.Random(1))
+    cubes = ig.infinite_generator_from_one_volume(
+        ig.setup_config(scale=4), hu.transpose(2, 1, 0), random.Random(1)
+    )
     assert cubes is not None and len(cubes) == 4
     # Same arguments, same bytes; an existing --out is refused.
     proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -382,11 +503,27 @@ def test_unwritable_save_folder_is_an_error_not_a_traceback(mixed_fold, tmp_path
     data, _ = mixed_fold
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert ig.main(["--fold", "3", "--data", str(data), "--save", str(blocker), "--no-progress"]) == 1
+    assert (
+        ig.main(["--fold", "3", "--data", str(data), "--save", str(blocker), "--no-progress"]) == 1
+    )
     assert "Expected --save to be a folder" in capsys.readouterr().err
     # A --save below a file cannot be created: found before any volume is read.
-    assert ig.main(["--fold", "3", "--scale", "1", "--data", str(data), "--save", str(blocker / "sub"),
-                    "--no-progress"]) == 1
+    assert (
+        ig.main(
+            [
+                "--fold",
+                "3",
+                "--scale",
+                "1",
+                "--data",
+                str(data),
+                "--save",
+                str(blocker / "sub"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "Expected --save to be a folder" in err and "is a file" in err
 
@@ -400,12 +537,28 @@ def test_cli_on_real_ct_writes_the_original_cubes(chest_ct_path, tmp_path):
     fold.mkdir(parents=True)
     os.symlink(chest_ct_path, fold / chest_ct_path.name)
     volume = sitk.GetArrayFromImage(sitk.ReadImage(str(chest_ct_path))).transpose(2, 1, 0)
-    expected = ref.reference_cubes(ig.setup_config(scale=5), volume, random.Random(2), air_test="argmax")
+    expected = ref.reference_cubes(
+        ig.setup_config(scale=5), volume, random.Random(2), air_test="argmax"
+    )
     assert expected.shape == (5, 64, 64, 32)
     for workers in (0, 3):
         save = tmp_path / f"out{workers}"
-        proc = run_cli("--fold", 5, "--scale", 5, "--seed", 2, "--dtype", "float64", "--workers", workers,
-                       "--data", tmp_path / "data", "--save", save)
+        proc = run_cli(
+            "--fold",
+            5,
+            "--scale",
+            5,
+            "--seed",
+            2,
+            "--dtype",
+            "float64",
+            "--workers",
+            workers,
+            "--data",
+            tmp_path / "data",
+            "--save",
+            save,
+        )
         assert proc.returncode == 0, proc.stderr
         assert os.listdir(save) == ["bat_5_s_64x64x32_5.npy"]
         assert np.array_equal(np.load(save / "bat_5_s_64x64x32_5.npy"), expected)
@@ -427,7 +580,9 @@ print(sorted(m for m in heavy if m in sys.modules))
 status = ig.main(["--fold", "0", "--scale", "2", "--data", {str(tmp_path / "data")!r}, "--save", {str(tmp_path / "s")!r}])
 print(status, sorted(m for m in heavy if m in sys.modules))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "[]"
@@ -446,7 +601,7 @@ import infinite_generator_3D as ig
 real = np.lib.format.open_memmap
 def open_then_killed(*args, **kwargs):
     out = real(*args, **kwargs)
-    assert any(n.endswith(".tmp") for n in os.listdir({str(save)!r}))  # the temporary file exists now
+    assert any(n.startswith(".tmp-") for n in os.listdir({str(save)!r}))  # the temporary file exists now
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)
     return out
@@ -454,6 +609,8 @@ np.lib.format.open_memmap = open_then_killed
 sys.exit(ig.main(["--fold", "0", "--scale", "2", "--no-progress", "--data", {str(tmp_path / "data")!r},
                   "--save", {str(save)!r}]))
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 143, proc.stderr
     assert os.listdir(save) == []

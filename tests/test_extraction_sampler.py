@@ -1,13 +1,14 @@
-"""The cube sampler against the plain reference reading of SPEC.md section 1 (tests/extraction_reference.py)."""
+"""The cube sampler against a plain, slow reading of the algorithm (tests/extraction_reference.py)."""
+
 from __future__ import annotations
 
 import random
 from fractions import Fraction
 
+import extraction_reference as ref
 import numpy as np
 import pytest
 
-import extraction_reference as ref
 from infinite_generator_3D import (
     air_test_limit,
     infinite_generator_from_one_volume,
@@ -33,9 +34,8 @@ class CountingRandom(random.Random):
 
 @pytest.fixture(scope="module")
 def chest_xyz():
-    from conftest import CHEST_CT, require_shared
-
     import SimpleITK as sitk
+    from conftest import CHEST_CT, require_shared
 
     path = require_shared(CHEST_CT)
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
@@ -46,18 +46,50 @@ def chest_xyz():
 
 def test_config_constants_and_threshold():
     c = setup_config()
-    assert (c.hu_min, c.hu_max, c.len_border, c.len_border_z, c.len_depth) == (-1000, 1000, 100, 30, 3)
+    assert (c.hu_min, c.hu_max, c.len_border, c.len_border_z, c.len_depth) == (
+        -1000,
+        1000,
+        100,
+        30,
+        3,
+    )
     assert (c.lung_min, c.lung_max, c.scale) == (0.7, 0.15, 32)
-    assert (c.input_rows, c.input_cols, c.input_deps, c.crop_rows, c.crop_cols) == (64, 64, 32, 64, 64)
+    assert (c.input_rows, c.input_cols, c.input_deps, c.crop_rows, c.crop_cols) == (
+        64,
+        64,
+        32,
+        64,
+        64,
+    )
     assert c.HU_thred == (-150 - (-1000)) / (1000 - (-1000)) == 0.425
     # -150 HU normalises (as the original computes it) to exactly the threshold: it counts as tissue.
     assert normalise_hu(np.array([-150], np.int16), -1000.0, 1000.0)[0] == c.HU_thred
     assert normalise_hu(np.array([-151], np.int16), -1000.0, 1000.0)[0] < c.HU_thred
     # Original keyword arguments are accepted.
-    c2 = setup_config(input_rows=16, input_cols=16, input_deps=8, crop_rows=16, crop_cols=16, len_border=10,
-                      len_border_z=5, scale=4, DATA_DIR="x", train_fold=[0], valid_fold=[1], test_fold=[2],
-                      len_depth=3, lung_min=0.7, lung_max=0.2)
-    assert (c2.input_rows, c2.scale, c2.DATA_DIR, c2.train_fold, c2.lung_max) == (16, 4, "x", [0], 0.2)
+    c2 = setup_config(
+        input_rows=16,
+        input_cols=16,
+        input_deps=8,
+        crop_rows=16,
+        crop_cols=16,
+        len_border=10,
+        len_border_z=5,
+        scale=4,
+        DATA_DIR="x",
+        train_fold=[0],
+        valid_fold=[1],
+        test_fold=[2],
+        len_depth=3,
+        lung_min=0.7,
+        lung_max=0.2,
+    )
+    assert (c2.input_rows, c2.scale, c2.DATA_DIR, c2.train_fold, c2.lung_max) == (
+        16,
+        4,
+        "x",
+        [0],
+        0.2,
+    )
 
 
 def test_normalise_matches_whole_volume_bits():
@@ -71,7 +103,9 @@ def test_normalise_matches_whole_volume_bits():
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
-@pytest.mark.parametrize("hu_min, hu_max", [(-1000.0, 1000.0), (-1024.0, 3071.0), (-1000.0, 400.0), (0.0, 4000.0)])
+@pytest.mark.parametrize(
+    "hu_min, hu_max", [(-1000.0, 1000.0), (-1024.0, 3071.0), (-1000.0, 400.0), (0.0, 4000.0)]
+)
 def test_raw_threshold_agrees_with_normalised_test_on_every_value(dtype, hu_min, hu_max):
     """Exhaustive: for every value of the dtype, raw >= threshold exactly when normalised >= HU_thred."""
     thred = (-150.0 - hu_min) / (hu_max - hu_min)
@@ -88,7 +122,10 @@ def test_raw_threshold_wide_integers(dtype):
     c = setup_config()
     info = np.iinfo(dtype)
     t = raw_threshold(dtype, c.hu_min, c.hu_max, c.HU_thred)
-    near = np.array([v for v in range(-300, 300) if info.min <= v <= info.max] + [info.min, info.max], dtype=dtype)
+    near = np.array(
+        [v for v in range(-300, 300) if info.min <= v <= info.max] + [info.min, info.max],
+        dtype=dtype,
+    )
     assert np.array_equal(near >= t, normalise_hu(near, c.hu_min, c.hu_max) >= c.HU_thred)
     assert t == (0 if info.min == 0 else -150)
 
@@ -138,8 +175,17 @@ def _accepts(window_hu, config):
 def test_air_test_boundary_sum_equal_to_limit_is_accepted():
     # rows=cols=deps=2 with lung_max=0.5: limit = 0.5 * 2 * 2 * 2 = 4.0. Borders 0 and
     # X = crop + 1, Z = deps + len_depth + 1 leave one window position (plus one x and y).
-    c = setup_config(input_rows=2, input_cols=2, input_deps=2, crop_rows=2, crop_cols=2, len_border=0,
-                     len_border_z=0, scale=1, lung_max=0.5)
+    c = setup_config(
+        input_rows=2,
+        input_cols=2,
+        input_deps=2,
+        crop_rows=2,
+        crop_cols=2,
+        len_border=0,
+        len_border_z=0,
+        scale=1,
+        lung_max=0.5,
+    )
     assert air_test_limit(c) == 4.0
     vol = np.full((3, 3, 6), -1000, np.int16)
     vol[:, :, 0] = -150  # every column: d=0 scores 1, d=1 scores 0: sum 4 == limit, kept
@@ -153,10 +199,22 @@ def test_air_test_boundary_sum_equal_to_limit_is_accepted():
 def test_small_random_volumes_match_loop_reference(seed, dtype):
     """Whole algorithm on tiny configs: many windows near the threshold, both outcomes, same stream."""
     gen = np.random.default_rng(seed)
-    c = setup_config(input_rows=6, input_cols=5, input_deps=4, crop_rows=6, crop_cols=5, len_border=3,
-                     len_border_z=2, scale=4, lung_max=0.3)
-    vol = gen.choice(np.array([-1000, -400, -151, -150, -149, 40], np.int16), p=[0.6, 0.2, 0.05, 0.05, 0.05, 0.05],
-                     size=(20, 18, 16)).astype(dtype)
+    c = setup_config(
+        input_rows=6,
+        input_cols=5,
+        input_deps=4,
+        crop_rows=6,
+        crop_cols=5,
+        len_border=3,
+        len_border_z=2,
+        scale=4,
+        lung_max=0.3,
+    )
+    vol = gen.choice(
+        np.array([-1000, -400, -151, -150, -149, 40], np.int16),
+        p=[0.6, 0.2, 0.05, 0.05, 0.05, 0.05],
+        size=(20, 18, 16),
+    ).astype(dtype)
     r_fast, r_ref = random.Random(seed), random.Random(seed)
     fast = infinite_generator_from_one_volume(c, vol, r_fast)
     slow = ref.reference_cubes(c, vol, r_ref)
@@ -179,8 +237,16 @@ def test_all_windows_rejected_gives_none_after_50_times_scale_attempts():
 
 def test_rare_air_window_gives_partial_results_like_the_reference():
     """Only one of 100 window positions passes: some seeds keep 1 or 2 of 3 cubes, one keeps none."""
-    c = setup_config(input_rows=4, input_cols=4, input_deps=2, crop_rows=4, crop_cols=4, len_border=0,
-                     len_border_z=0, scale=3)
+    c = setup_config(
+        input_rows=4,
+        input_cols=4,
+        input_deps=2,
+        crop_rows=4,
+        crop_cols=4,
+        len_border=0,
+        len_border_z=0,
+        scale=3,
+    )
     vol = np.zeros((14, 14, 6), np.int16)
     vol[:4, :4, :] = -1000
     counts = []
@@ -221,7 +287,9 @@ def test_too_small_volume_gives_none_and_draws_nothing(shape):
 def test_smallest_volume_that_fits():
     c = setup_config(scale=2)
     assert size_problem(c, (265, 265, 96)) is None
-    cubes = infinite_generator_from_one_volume(c, np.full((265, 265, 96), -1000, np.int16), random.Random(1))
+    cubes = infinite_generator_from_one_volume(
+        c, np.full((265, 265, 96), -1000, np.int16), random.Random(1)
+    )
     assert cubes.shape == (2, 64, 64, 32)
 
 
@@ -231,8 +299,16 @@ def test_rejects_non_3d_input():
 
 
 def test_none_rng_uses_global_random_module():
-    c = setup_config(input_rows=8, input_cols=8, input_deps=4, crop_rows=8, crop_cols=8, len_border=2,
-                     len_border_z=1, scale=3)
+    c = setup_config(
+        input_rows=8,
+        input_cols=8,
+        input_deps=4,
+        crop_rows=8,
+        crop_cols=8,
+        len_border=2,
+        len_border_z=1,
+        scale=3,
+    )
     vol = np.random.default_rng(0).integers(-1000, -500, size=(20, 20, 16)).astype(np.int16)
     vol[::3] = 100
     random.seed(11)
@@ -261,7 +337,7 @@ def test_real_ct_matches_loop_reference(chest_xyz, seed):
 
 @pytest.mark.parametrize("seed, attempts", [(1, 178), (2, 220)])
 def test_real_ct_full_scale_matches_reference_and_spec_attempt_counts(chest_xyz, seed, attempts):
-    """Scale 32, as the original runs: same cubes as the reference, and the attempt counts SPEC 6 reports."""
+    """Scale 32, as the original runs: same cubes as the reference, and the attempt counts of the original's run on this scan."""
     c = setup_config(scale=32)
     r_fast, r_ref = CountingRandom(seed), random.Random(seed)
     fast = infinite_generator_from_one_volume(c, chest_xyz, r_fast)
@@ -302,7 +378,7 @@ def test_real_ct_air_test_decisions_match_loop_on_every_window(chest_xyz):
     decisions = set()
     for _ in range(12):
         sx, sy, sz = r.randint(0, 250 - 65), r.randint(0, 250 - 65), r.randint(0, 80 - 36)
-        w = v[sx:sx + 64, sy:sy + 64, sz:sz + 35]
+        w = v[sx : sx + 64, sy : sy + 64, sz : sz + 35]
         fast = tissue_score_sum(w, c.HU_thred, 32, 3)
         slow = ref.tissue_score_sum_loop(w, c.HU_thred, 64, 64, 32, 3)
         assert float(fast) == slow

@@ -4,17 +4,18 @@ Only a few literal strings are swapped for tiny ones (each must occur exactly on
 to the README that drops one fails here): the input size, the filter count, the weight path
 and the epochs. The weights are a Keras 2 file written by tf_keras, like the published one.
 """
+
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-
 from keras2_reference import keras2_reference
+
+import keras
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def readme_snippets() -> dict[str, str]:
     """The ```python blocks marked `<!-- snippet:NAME -->` in the README's finetuning section."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("<!-- SECTION:finetuning -->"):text.index("<!-- /SECTION:finetuning -->")]
+    section = text[
+        text.index("<!-- SECTION:finetuning -->") : text.index("<!-- /SECTION:finetuning -->")
+    ]
     return dict(re.findall(r"<!-- snippet:(\w+) -->\s*```python\n(.*?)```", section, re.S))
 
 
@@ -42,7 +45,9 @@ def _substitute(code: str, weight_path: str) -> str:
 @pytest.fixture
 def run_snippet(monkeypatch, capsys):
     """Exec a README snippet from the repository root, as a fresh script would run it."""
-    ref = keras2_reference(input_shape=(1, 16, 16, 8), depth=4, n_base_filters=4, batch_normalization=True)
+    ref = keras2_reference(
+        input_shape=(1, 16, 16, 8), depth=4, n_base_filters=4, batch_normalization=True
+    )
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the snippet appends keras/
     # A fresh process would have channels_first from `import unet3d`; other tests may have changed it.
@@ -53,7 +58,10 @@ def run_snippet(monkeypatch, capsys):
         code = _substitute(readme_snippets()[name], ref.weights_only)
         namespace = {"__name__": "__snippet__", **data}
         exec(compile(code, f"README.md:{name}", "exec"), namespace)
-        assert f"Load pre-trained Models Genesis weights from {ref.weights_only}" in capsys.readouterr().out
+        assert (
+            f"Load pre-trained Models Genesis weights from {ref.weights_only}"
+            in capsys.readouterr().out
+        )
         return namespace
 
     yield run, ref
@@ -87,7 +95,10 @@ def test_classification_snippet(run_snippet):
     ns = run("classification", data)
     model = ns["model"]
     assert model.input_shape == (None, 1, 16, 16, 8)
-    assert model.get_layer(index=-3).output.shape == (None, 4 * 16)  # GAP of depth_7_relu's channels
+    assert model.get_layer(index=-3).output.shape == (
+        None,
+        4 * 16,
+    )  # GAP of depth_7_relu's channels
     probs = model.predict(data["x_valid"], verbose=0)
     assert probs.shape == (2, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)

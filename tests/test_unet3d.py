@@ -1,4 +1,5 @@
-"""The 3D U-Net (SPEC 3): structure, data formats, the TF bias trap, metrics and saving."""
+"""The 3D U-Net (docs/weights.md, docs/design.md): structure, data formats, the TF bias trap, metrics and saving."""
+
 from __future__ import annotations
 
 import os
@@ -6,12 +7,12 @@ import re
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
-from keras import ops
 
+import keras
 import unet3d
+from keras import ops
 from unet3d import Conv3D, Conv3DTranspose, UNet3D, unet_model_3d
 
 BACKEND = keras.backend.backend()
@@ -37,6 +38,7 @@ def _random_weights(model, seed=0):
 
 # ---------------------------------------------------------------------------------- structure
 
+
 def test_import_sets_channels_first():
     # A fresh interpreter (the numpy backend starts fast): the import itself flips the setting.
     code = (
@@ -46,7 +48,9 @@ def test_import_sets_channels_first():
     )
     env = dict(os.environ, KERAS_BACKEND="numpy")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "channels_first"
 
@@ -54,21 +58,41 @@ def test_import_sets_channels_first():
 def test_star_import_exports_and_dependencies():
     ns: dict = {}
     exec("from unet3d import *", ns)
-    for name in ("unet_model_3d", "keras", "Conv3D", "GlobalAveragePooling3D", "Dense", "Softmax",
-                 "dice_coef", "dice_coef_loss", "bce_dice_loss", "mean_iou"):
+    for name in (
+        "unet_model_3d",
+        "keras",
+        "Conv3D",
+        "GlobalAveragePooling3D",
+        "Dense",
+        "Softmax",
+        "dice_coef",
+        "dice_coef_loss",
+        "bce_dice_loss",
+        "mean_iou",
+    ):
         assert name in ns, name
     assert ns["keras"] is keras and ns["Dense"] is keras.layers.Dense
     assert ns["Conv3D"] is Conv3D and issubclass(Conv3D, keras.layers.Conv3D)  # the fixed one
     assert set(unet3d.__all__) <= set(ns)
     src = open(unet3d.__file__).read()
     imports = set(re.findall(r"^(?:import|from)\s+(\w+)", src, re.M))
-    assert imports <= {"__future__", "contextlib", "io", "os", "tempfile", "typing", "zipfile", "h5py", "keras"}, imports
+    assert imports <= {
+        "__future__",
+        "contextlib",
+        "io",
+        "os",
+        "tempfile",
+        "typing",
+        "zipfile",
+        "h5py",
+        "keras",
+    }, imports
 
 
 def test_default_model_parameter_count_and_channels():
     model = unet_model_3d((1, 64, 64, 32), batch_normalization=True)
     assert isinstance(model, UNet3D)
-    assert model.count_params() == 16_324_929  # SPEC 3
+    assert model.count_params() == 16_324_929  # the published Genesis_Chest_CT.h5 network
     channels = [model.get_layer(f"depth_{k}_relu").output.shape[1] for k in range(14)]
     assert channels == [32, 64, 64, 128, 128, 256, 256, 512, 256, 256, 128, 128, 64, 64]
     assert model.get_layer("depth_7_relu").output.shape[1:] == (512, 8, 8, 4)
@@ -87,7 +111,9 @@ def test_parameter_count_by_hand_small():
     deconv = unet_model_3d((1, 8, 8, 8), depth=2, n_base_filters=2, n_labels=3, deconvolution=True)
     assert deconv.count_params() == expected + (8 * 8 * 8 + 8)
     up = deconv.get_layer("level_0_up")
-    assert isinstance(up, Conv3DTranspose) and up.kernel_size == (2, 2, 2) and up.strides == (2, 2, 2)
+    assert (
+        isinstance(up, Conv3DTranspose) and up.kernel_size == (2, 2, 2) and up.strides == (2, 2, 2)
+    )
 
 
 def test_default_deconvolution_parameter_count():
@@ -100,7 +126,14 @@ def test_every_layer_named_stably():
     model = unet_model_3d((1, 16, 16, 8), depth=2, n_base_filters=2, batch_normalization=True)
     names = [layer.name for layer in model.layers]
     blocks = [f"depth_{k}_{part}" for k in range(6) for part in ("conv", "bn", "relu")]
-    others = ["input", "level_0_pool", "level_0_up", "level_0_concat", "output_conv", "output_activation"]
+    others = [
+        "input",
+        "level_0_pool",
+        "level_0_up",
+        "level_0_concat",
+        "output_conv",
+        "output_activation",
+    ]
     assert sorted(names) == sorted(blocks + others)
     # Two builds give the same names (no global counters leak into them).
     again = unet_model_3d((1, 16, 16, 8), depth=2, n_base_filters=2, batch_normalization=True)
@@ -126,7 +159,10 @@ def test_data_format_none_means_channels_first_even_if_global_is_last():
     finally:
         keras.config.set_image_data_format(before)
     assert model.output.shape[1:] == (1, 16, 16, 8)
-    assert all(getattr(layer, "data_format", "channels_first") == "channels_first" for layer in model.layers)
+    assert all(
+        getattr(layer, "data_format", "channels_first") == "channels_first"
+        for layer in model.layers
+    )
 
 
 @pytest.mark.parametrize(
@@ -135,8 +171,16 @@ def test_data_format_none_means_channels_first_even_if_global_is_last():
         ((1, 60, 64, 32), {}, "rows=60; the nearest rows that work are 56 or 64"),
         ((1, 64, 64, 30), {}, "deps=30; the nearest deps that work are 24 or 32"),
         ((1, 64, 5, 32), {}, "cols=5; the nearest cols that work are 8"),
-        ((1, 64, 64, 10), dict(depth=3), "divisible by pool_size ** (depth - 1) = 4 along deps (pool_size=(2, 2, 2), depth=3). Received: input_shape=(1, 64, 64, 10), deps=10; the nearest deps that work are 8 or 12"),
-        ((64, 64, 32, 1), dict(data_format="channels_last", pool_size=(2, 2, 3)), "= 27 along deps (pool_size=(2, 2, 3), depth=4). Received: input_shape=(64, 64, 32, 1), deps=32; the nearest deps that work are 27 or 54."),
+        (
+            (1, 64, 64, 10),
+            dict(depth=3),
+            "divisible by pool_size ** (depth - 1) = 4 along deps (pool_size=(2, 2, 2), depth=3). Received: input_shape=(1, 64, 64, 10), deps=10; the nearest deps that work are 8 or 12",
+        ),
+        (
+            (64, 64, 32, 1),
+            dict(data_format="channels_last", pool_size=(2, 2, 3)),
+            "= 27 along deps (pool_size=(2, 2, 3), depth=4). Received: input_shape=(64, 64, 32, 1), deps=32; the nearest deps that work are 27 or 54.",
+        ),
         ((64, 64, 32), {}, "Expected input_shape=(channels, rows, cols, deps)"),
         ((1, 64, 64, 32), dict(data_format="NCDHW"), "Received: data_format='NCDHW'"),
         ((1, 64, 64, 32), dict(depth=0), "Expected depth >= 1"),
@@ -157,6 +201,7 @@ def test_sizes_that_divide_are_accepted():
 
 
 # ------------------------------------------------------------------------ the TF bias trap
+
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="the defect is in Keras' TensorFlow backend")
 def test_keras_tf_channels_first_bias_defect_still_exists():
@@ -187,7 +232,9 @@ def test_keras_tf_channels_first_bias_defect_still_exists():
     compiled = keras.Model(x_in, layer(x_in))
     compiled.compile(jit_compile=True)  # XLA, as model.fit / predict may run it
     assert np.abs(compiled.predict(inp, verbose=0) - right).max() > 0.5
-    no_bias = keras.layers.Conv3D(4, 3, padding="same", data_format="channels_first", use_bias=False)
+    no_bias = keras.layers.Conv3D(
+        4, 3, padding="same", data_format="channels_first", use_bias=False
+    )
     no_bias.build(inp.shape)
     no_bias.set_weights([kernel])
     np.testing.assert_allclose(np.asarray(no_bias(inp)), right - b, atol=1e-4)  # the conv is right
@@ -203,12 +250,12 @@ def _numpy_conv3d_same(x, kernel, bias):
     n, _, r, c, d = x.shape
     pr, pc, pd = kr // 2, kc // 2, kd // 2
     padded = np.zeros((n, cin, r + kr - 1, c + kc - 1, d + kd - 1), np.float64)
-    padded[:, :, pr:pr + r, pc:pc + c, pd:pd + d] = x
+    padded[:, :, pr : pr + r, pc : pc + c, pd : pd + d] = x
     out = np.zeros((n, cout, r, c, d), np.float64)
     for i in range(kr):
         for j in range(kc):
             for k in range(kd):
-                patch = padded[:, :, i:i + r, j:j + c, k:k + d]  # (n, cin, r, c, d)
+                patch = padded[:, :, i : i + r, j : j + c, k : k + d]  # (n, cin, r, c, d)
                 out += np.einsum("nirck,io->norck", patch, kernel[i, j, k])
     return out + bias.reshape(1, cout, 1, 1, 1)
 
@@ -301,6 +348,7 @@ def test_channels_first_network_equals_channels_last(deconvolution):
 
 # -------------------------------------------------------------------------- losses, metrics
 
+
 def _np_dice(t, p, smooth=1.0):
     t, p = t.astype(np.float64).ravel(), p.astype(np.float64).ravel()
     return (2 * (t * p).sum() + smooth) / (t.sum() + p.sum() + smooth)
@@ -355,6 +403,7 @@ def test_metrics_hand_values():
 
 # ------------------------------------------------------------------------------- saving
 
+
 @pytest.mark.multibackend
 def test_save_and_load_round_trips(tmp_path):
     small = dict(depth=2, n_base_filters=2, batch_normalization=True)
@@ -367,7 +416,9 @@ def test_save_and_load_round_trips(tmp_path):
         if data_format == "channels_first":
             np.testing.assert_allclose(m.predict(x, verbose=0), want, atol=1e-5)
         else:
-            np.testing.assert_allclose(m.predict(_cf_to_cl(x), verbose=0), _cf_to_cl(want), atol=1e-5)
+            np.testing.assert_allclose(
+                m.predict(_cf_to_cl(x), verbose=0), _cf_to_cl(want), atol=1e-5
+            )
 
     def fresh(data_format="channels_first"):
         shape = (1, 8, 8, 8) if data_format == "channels_first" else (8, 8, 8, 1)
@@ -405,7 +456,9 @@ def test_interrupted_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatc
 
     def interrupted(self, filepath, *args, **kwargs):
         assert os.fspath(filepath) != os.fspath(target)  # writes elsewhere first
-        assert os.path.dirname(os.fspath(filepath)) == str(tmp_path)  # same folder: rename is atomic
+        assert os.path.dirname(os.fspath(filepath)) == str(
+            tmp_path
+        )  # same folder: rename is atomic
         real(self, filepath, *args, **kwargs)
         raise KeyboardInterrupt
 
@@ -433,14 +486,20 @@ def test_load_errors_are_clear(tmp_path):
     # Keras alone loads the shared layers of a file with extra batch norm, with a warning only.
     with_bn = unet_model_3d((1, 8, 8, 8), depth=2, n_base_filters=2, batch_normalization=True)
     with_bn.save_weights(tmp_path / "bn.weights.h5")
-    with pytest.raises(ValueError, match="the file has layers with weights the model lacks, first 'depth_0_bn'"):
+    with pytest.raises(
+        ValueError, match="the file has layers with weights the model lacks, first 'depth_0_bn'"
+    ):
         model.load_weights(tmp_path / "bn.weights.h5")
     with_bn.save(tmp_path / "bn.keras")
-    with pytest.raises(ValueError, match="the file has layers with weights the model lacks, first 'depth_0_bn'"):
+    with pytest.raises(
+        ValueError, match="the file has layers with weights the model lacks, first 'depth_0_bn'"
+    ):
         model.load_weights(tmp_path / "bn.keras")
     wider.save(tmp_path / "wider.keras")
     with pytest.raises(ValueError, match=r"at layer 'depth_0_conv'.*\(3, 3, 3, 1, 4\)"):
         model.load_weights(tmp_path / "wider.keras")
     before = [np.asarray(w).copy() for w in model.weights]
-    model.load_weights(tmp_path / "bn.weights.h5", skip_mismatch=True)  # the escape hatch stays Keras'
+    model.load_weights(
+        tmp_path / "bn.weights.h5", skip_mismatch=True
+    )  # the escape hatch stays Keras'
     assert any(not np.allclose(a, np.asarray(w)) for a, w in zip(before, model.weights))

@@ -3,13 +3,14 @@
 The files are written at test time by tf_keras (Keras 2 API, another tool than ours), see
 keras2_reference.py; reference outputs come from a channels-last tf_keras twin.
 """
+
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import pytest
-
 from keras2_reference import keras2_reference
+
 from unet3d import check_legacy_h5_weights, unet_model_3d
 
 
@@ -29,8 +30,14 @@ def ref_bn():
 @pytest.fixture(scope="module")
 def ref_deconv():
     """Depth 2, transposed-conv decoder, no batch norm, 2 labels."""
-    return keras2_reference(input_shape=(2, 8, 8, 4), depth=2, batch_normalization=False,
-                            deconvolution=True, n_labels=2, seed=1)
+    return keras2_reference(
+        input_shape=(2, 8, 8, 4),
+        depth=2,
+        batch_normalization=False,
+        deconvolution=True,
+        n_labels=2,
+        seed=1,
+    )
 
 
 def test_keras2_file_layout(ref_bn):
@@ -39,11 +46,26 @@ def test_keras2_file_layout(ref_bn):
         names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["layer_names"]]
         assert f.attrs["keras_version"].startswith("2.")
         conv = f["depth_0_conv"]
-        weight_names = [w.decode() if isinstance(w, bytes) else w for w in conv.attrs["weight_names"]]
+        weight_names = [
+            w.decode() if isinstance(w, bytes) else w for w in conv.attrs["weight_names"]
+        ]
         assert weight_names == ["depth_0_conv/kernel:0", "depth_0_conv/bias:0"]
-        assert conv["depth_0_conv/kernel:0"].shape == (3, 3, 3, 1, 4)  # (k, k, k, in, out) in both layouts
-        bn = [w.decode() if isinstance(w, bytes) else w for w in f["depth_0_bn"].attrs["weight_names"]]
-        assert [b.split("/")[-1] for b in bn] == ["gamma:0", "beta:0", "moving_mean:0", "moving_variance:0"]
+        assert conv["depth_0_conv/kernel:0"].shape == (
+            3,
+            3,
+            3,
+            1,
+            4,
+        )  # (k, k, k, in, out) in both layouts
+        bn = [
+            w.decode() if isinstance(w, bytes) else w for w in f["depth_0_bn"].attrs["weight_names"]
+        ]
+        assert [b.split("/")[-1] for b in bn] == [
+            "gamma:0",
+            "beta:0",
+            "moving_mean:0",
+            "moving_variance:0",
+        ]
     assert names[1:4] == ["depth_0_conv", "depth_0_bn", "depth_0_relu"]
     assert "depth_13_relu" in names and not any(n.startswith("output") for n in names)
     with h5py.File(ref_bn.whole_model, "r") as f:
@@ -64,8 +86,9 @@ def test_load_keras2_file_matches_reference(ref_bn, which, data_format):
     assert ref_bn.expected.std() > 1e-2
     np.testing.assert_allclose(out, ref_bn.expected, atol=1e-5)
     # Every value the file holds arrived where it belongs (BN moving statistics included).
-    np.testing.assert_array_equal(np.asarray(model.get_layer("depth_0_bn").moving_variance),
-                                  ref_bn.weights[5])
+    np.testing.assert_array_equal(
+        np.asarray(model.get_layer("depth_0_bn").moving_variance), ref_bn.weights[5]
+    )
 
 
 @pytest.mark.multibackend
@@ -94,15 +117,23 @@ def test_mismatched_keras2_file_names_first_differing_layer(ref_bn):
         no_bn.load_weights(ref_bn.whole_model)
     msg = str(info.value)
     # Layer #1 is depth_1_conv in the model but depth_0_bn in the file.
-    assert "#1 differs" in msg and "'depth_1_conv'" in msg and "'depth_0_bn' with gamma:0 (4,)" in msg
+    assert (
+        "#1 differs" in msg and "'depth_1_conv'" in msg and "'depth_0_bn' with gamma:0 (4,)" in msg
+    )
 
     shallower = _ours(ref_bn, depth=3)
-    with pytest.raises(ValueError, match=r"#12 differs.*'depth_6_conv' with kernel \(3, 3, 3, 48, 16\).*The model has 21 layers with weights, the file 29"):
+    with pytest.raises(
+        ValueError,
+        match=r"#12 differs.*'depth_6_conv' with kernel \(3, 3, 3, 48, 16\).*The model has 21 layers with weights, the file 29",
+    ):
         shallower.load_weights(ref_bn.weights_only)
 
     # Different labels: only the last layer (generated name in the file) differs.
     two = _ours(ref_bn, n_labels=2)
-    with pytest.raises(ValueError, match=r"#28 differs.*'output_conv' with kernel \(1, 1, 1, 8, 2\).*Received \(file\): 'conv3d' with kernel:0 \(1, 1, 1, 8, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"#28 differs.*'output_conv' with kernel \(1, 1, 1, 8, 2\).*Received \(file\): 'conv3d' with kernel:0 \(1, 1, 1, 8, 1\)",
+    ):
         two.load_weights(ref_bn.weights_only)
 
 
@@ -111,7 +142,10 @@ def test_non_keras_h5_file_is_rejected(tmp_path, ref_bn):
     with h5py.File(path, "w") as f:
         f["data"] = np.zeros(3)
     model = _ours(ref_bn)
-    with pytest.raises(ValueError, match=r"Expected a Keras 2 HDF5 weights file.*Received: filepath=.*not_weights.h5"):
+    with pytest.raises(
+        ValueError,
+        match=r"Expected a Keras 2 HDF5 weights file.*Received: filepath=.*not_weights.h5",
+    ):
         model.load_weights(path)
     check_legacy_h5_weights(model, ref_bn.weights_only)  # the helper alone: fits, no error
 

@@ -19,8 +19,8 @@ Importable sampler::
     cubes = infinite_generator_from_one_volume(config, hu_xyz, random.Random(1))
 
 Imports: NumPy, SimpleITK (lazily), scikit-image (only when the crop size differs from the input
-size), tqdm (progress bar) and ``keras/genesis_files.py`` (standard library only: cube-file names and
-the atomic writer). It never imports Keras.
+size), tqdm (progress bar) and ``keras/genesis_files.py`` (standard library only: cube-file names
+and the atomic writer). It never imports Keras.
 """
 
 from __future__ import annotations
@@ -53,20 +53,24 @@ if TYPE_CHECKING:  # numpy.typing is slow to import; annotations are strings her
 # ".mhd") and anything else is ignored.
 VOLUME_SUFFIXES = (".mhd", ".mha", ".nii", ".nii.gz", ".nrrd")
 
-EXAMPLE = """\
-example (one fold):
-  python infinite_generator_3D.py --fold 0 --scale 32 --data datasets/luna16 --save generated_cubes
-
-example (all ten LUNA16 folds):
-  for fold in 0 1 2 3 4 5 6 7 8 9; do
-    python infinite_generator_3D.py --fold $fold --scale 32 --data /path/to/LUNA16 --save generated_cubes
-  done
-
-Writes {save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy, e.g. generated_cubes/bat_32_s_64x64x32_0.npy:
-float32 (N, rows, cols, deps), values in [0, 1] (HU clipped to [-1000, 1000], then scaled).
-Exit status: 0 when a cube file was written, 1 when nothing usable was found, 2 for bad flags,
-130 after Ctrl-C and 143 after SIGTERM (then nothing is written).
-"""
+EXAMPLE = (
+    "example (one fold):\n"
+    "  python infinite_generator_3D.py --fold 0 --scale 32 --data datasets/luna16 "
+    "--save generated_cubes\n"
+    "\n"
+    "example (all ten LUNA16 folds):\n"
+    "  for fold in 0 1 2 3 4 5 6 7 8 9; do\n"
+    "    python infinite_generator_3D.py --fold $fold --scale 32 --data /path/to/LUNA16 "
+    "--save generated_cubes\n"
+    "  done\n"
+    "\n"
+    "Writes {save}/bat_{scale}_s_{rows}x{cols}x{deps}_{fold}.npy, "
+    "e.g. generated_cubes/bat_32_s_64x64x32_0.npy:\n"
+    "float32 (N, rows, cols, deps), values in [0, 1] (HU clipped to [-1000, 1000], then scaled).\n"
+    "Exit status: 0 when a cube file was written, 1 when nothing usable was found, "
+    "2 for bad flags,\n"
+    "130 after Ctrl-C and 143 after SIGTERM (then nothing is written).\n"
+)
 
 
 class setup_config:
@@ -170,7 +174,8 @@ def size_problem(config: setup_config, shape: Sequence[int]) -> str | None:
 
 
 def normalise_hu(window: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
-    """Clip HU values to [hu_min, hu_max] and scale to [0, 1] in float64 (the normalisation of docs/extraction.md).
+    """Clip HU values to [hu_min, hu_max] and scale to [0, 1] in float64 (the normalisation of
+    docs/extraction.md).
 
     Elementwise, so normalising a window gives the same bits as normalising the whole volume
     and then cutting the window.
@@ -190,7 +195,8 @@ def normalise_hu(window: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray
 
 
 def _normalise_into(out: np.ndarray, window: np.ndarray, hu_min: float, hu_max: float) -> None:
-    """normalise_hu(window) written into ``out`` (C order): the same operations, so the same bits."""
+    """normalise_hu(window) written into ``out`` (C order): the same operations, so the same
+    bits."""
     np.copyto(out, window, casting="unsafe")  # exact: every integer HU value is a float64
     np.clip(out, hu_min, hu_max, out=out)
     out -= hu_min
@@ -233,7 +239,8 @@ def raw_threshold(dtype: DTypeLike, hu_min: float, hu_max: float, HU_thred: floa
 def tissue_score_sum(
     window: np.ndarray, HU_thred: float, input_deps: int, len_depth: int
 ) -> Fraction:
-    """Exact sum of the air test's per-voxel tissue scores (docs/extraction.md), with array operations.
+    """Exact sum of the air test's per-voxel tissue scores (docs/extraction.md), with array
+    operations.
 
     A voxel's score is ``1 - k / (len_depth - 1)`` where ``k`` is the first of the next
     ``len_depth`` slices (itself included) at or above ``HU_thred``, or ``len_depth - 1``.
@@ -252,7 +259,8 @@ def tissue_score_sum(
     """
     if len_depth < 2:
         raise ValueError(
-            f"Expected len_depth >= 2 (the score divides by len_depth - 1). Received: len_depth={len_depth}"
+            "Expected len_depth >= 2 (the score divides by len_depth - 1). "
+            f"Received: len_depth={len_depth}"
         )
     hits = window >= HU_thred
     seen = hits[:, :, :input_deps].copy()
@@ -271,7 +279,8 @@ def air_test_limit(config: setup_config) -> float:
 def infinite_generator_from_one_volume(
     config: setup_config, img_array: np.ndarray, rng: random.Random | None = None
 ) -> np.ndarray | None:
-    """Draw up to ``config.scale`` cubes from one CT volume, exactly as the original (docs/extraction.md).
+    """Draw up to ``config.scale`` cubes from one CT volume, exactly as the original
+    (docs/extraction.md).
 
     Args:
         config: the extraction settings (see ``setup_config``).
@@ -286,7 +295,8 @@ def infinite_generator_from_one_volume(
     """
     if np.ndim(img_array) != 3:
         raise ValueError(
-            f"Expected a 3-D array in (x, y, z) order. Received: img_array.shape={np.shape(img_array)}"
+            "Expected a 3-D array in (x, y, z) order. "
+            f"Received: img_array.shape={np.shape(img_array)}"
         )
     if config.len_depth < 2:
         raise ValueError(f"Expected config.len_depth >= 2. Received: len_depth={config.len_depth}")
@@ -379,7 +389,8 @@ def list_volumes(fold_dir: str) -> list[str]:
 
 
 def _nifti_layout(header: bytes) -> tuple[str, int, int, int, int] | None:
-    """Parse a NIfTI-1/2 header: ``(byte order, datatype, bitpix, vox_offset, voxel count)``, or None."""
+    """Parse a NIfTI-1/2 header: ``(byte order, datatype, bitpix, vox_offset, voxel count)``, or
+    None."""
     import struct
 
     for order in "<>":
@@ -567,7 +578,8 @@ def _itk_reason(exc: BaseException) -> str:
 
 
 def _check_dicom_leftovers(folder: str, in_series: set[str]) -> None:
-    """Raise VolumeError when a DICOM file of the folder belongs to no series because it cannot be read.
+    """Raise VolumeError when a DICOM file of the folder belongs to no series because it cannot be
+    read.
 
     GDCM leaves a truncated or damaged slice out of the series without a word, and ITK then
     stacks the others as if nothing were missing. Files that are not DICOM (no ``DICM`` marker),
@@ -603,7 +615,8 @@ def _check_dicom_leftovers(folder: str, in_series: set[str]) -> None:
 
 
 def read_volume(path: str) -> np.ndarray:
-    """Read one CT volume (a file, or a folder holding one DICOM series) as raw values in (x, y, z) order.
+    """Read one CT volume (a file, or a folder holding one DICOM series) as raw values in
+    (x, y, z) order.
 
     Args:
         path: a .mhd/.mha/.nii/.nii.gz/.nrrd file or a DICOM series folder.
@@ -651,11 +664,13 @@ def read_volume(path: str) -> np.ndarray:
         raise VolumeError(f"cannot read: {_itk_reason(exc)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(
-            f"Expected one value per voxel (a CT volume). Received: {image.GetNumberOfComponentsPerPixel()} components"
+            "Expected one value per voxel (a CT volume). "
+            f"Received: {image.GetNumberOfComponentsPerPixel()} components"
         )
     if image.GetDimension() != 3:
         raise VolumeError(
-            f"Expected a 3-D volume. Received: {image.GetDimension()}-D image of size {image.GetSize()}"
+            "Expected a 3-D volume. "
+            f"Received: {image.GetDimension()}-D image of size {image.GetSize()}"
         )
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
@@ -787,9 +802,15 @@ def extract_fold(
                 cubes = None if reason else infinite_generator_from_one_volume(config, array, rng)
                 del array
                 if reason is None and cubes is None:
-                    reason = f"gave no cube: all {50 * config.scale} windows failed the air test (too little lung)"
+                    reason = (
+                        f"gave no cube: all {50 * config.scale} windows failed the air test "
+                        "(too little lung)"
+                    )
                 elif cubes is not None and len(cubes) < config.scale:
-                    reason = f"gave {len(cubes)} of {config.scale} cubes: {50 * config.scale} windows tried"
+                    reason = (
+                        f"gave {len(cubes)} of {config.scale} cubes: "
+                        f"{50 * config.scale} windows tried"
+                    )
                 if cubes is not None:
                     result.cubes.append(cubes.astype(dtype, copy=False))
                 result.volumes.append(
@@ -998,7 +1019,8 @@ def _run(args: argparse.Namespace) -> int:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return fail(
-            f"Expected --save to be a folder. Received: --save={args.save!r} ({existing!r} is a file)"
+            "Expected --save to be a folder. "
+            f"Received: --save={args.save!r} ({existing!r} is a file)"
         )
     if os.path.isdir(args.save) and not os.access(args.save, os.W_OK | os.X_OK):
         return fail(

@@ -1,5 +1,7 @@
 """Training pairs per second: keras/transforms.py against a loop version written like the original.
 
+The fast version is keras/transforms.py with its numba kernels (keras/genesis_kernels.py).
+
 Both run the per-sample pipeline of `generate_pair` with the original's rates (flip 0.4, local
 shuffle 0.5, non-linear 0.9, painting 0.9 of which in-painting 0.2) on 64x64x32 float32 cubes
 in [0, 1]: real cubes cut from ../shared/data/chest_ct_512x512x141.nii.gz when present (else
@@ -13,6 +15,7 @@ in interleaved slices (--rounds), so that on a shared machine both see the same 
 
 example: .venv/bin/python benchmarks/bench_transforms.py --pairs 3000 --loop-pairs 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +31,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "keras"))
-import transforms as T  # noqa: E402
-from common import write_json  # noqa: E402
+from common import write_json
+
+import transforms as T
 
 CHEST_CT = ROOT.parent / "shared" / "data" / "chest_ct_512x512x141.nii.gz"
-RATES = dict(flip_rate=0.4, local_rate=0.5, nonlinear_rate=0.9, paint_rate=0.9,
-             outpaint_rate=0.8, inpaint_rate=0.2)
+RATES = {name: T.CONFIG_DEFAULTS[name] for name in T.RATE_NAMES}  # the original's rates
 
 
 # ------------------------------------------------------------------- loop version (baseline)
+
 
 def loop_flip(x, y, prob, rng):
     cnt = 3
@@ -61,9 +65,9 @@ def loop_local_shuffle(x, prob, rng):
         nx = int(rng.integers(0, R - bx + 1))
         ny = int(rng.integers(0, C - by + 1))
         nz = int(rng.integers(0, D - bz + 1))
-        window = orig[0, nx:nx + bx, ny:ny + by, nz:nz + bz].flatten()
+        window = orig[0, nx : nx + bx, ny : ny + by, nz : nz + bz].flatten()
         window = window[rng.permutation(window.size)]
-        out[0, nx:nx + bx, ny:ny + by, nz:nz + bz] = window.reshape((bx, by, bz))
+        out[0, nx : nx + bx, ny : ny + by, nz : nz + bz] = window.reshape((bx, by, bz))
     return out
 
 
@@ -98,7 +102,7 @@ def loop_in_painting(x, rng):
         nx = int(rng.integers(3, R - bx - 3 + 1))
         ny = int(rng.integers(3, C - by - 3 + 1))
         nz = int(rng.integers(3, D - bz - 3 + 1))
-        x[:, nx:nx + bx, ny:ny + by, nz:nz + bz] = rng.random((bx, by, bz))
+        x[:, nx : nx + bx, ny : ny + by, nz : nz + bz] = rng.random((bx, by, bz))
         cnt -= 1
     return x
 
@@ -115,7 +119,9 @@ def loop_out_painting(x, rng):
         nx = int(rng.integers(3, R - bx - 3 + 1))
         ny = int(rng.integers(3, C - by - 3 + 1))
         nz = int(rng.integers(3, D - bz - 3 + 1))
-        x[:, nx:nx + bx, ny:ny + by, nz:nz + bz] = keep[:, nx:nx + bx, ny:ny + by, nz:nz + bz]
+        x[:, nx : nx + bx, ny : ny + by, nz : nz + bz] = keep[
+            :, nx : nx + bx, ny : ny + by, nz : nz + bz
+        ]
 
     block()
     cnt = 4
@@ -145,11 +151,13 @@ def loop_generate_pair(img, batch_size, rng):
 
 # ------------------------------------------------------------------------------ cubes
 
+
 def load_cubes(n: int, seed: int) -> tuple[np.ndarray, str]:
     """n cubes (n, 1, 64, 64, 32) float32: real chest-CT cubes when the data is present."""
     rng = np.random.default_rng(seed)
     if CHEST_CT.exists():
         import SimpleITK as sitk
+
         vol = sitk.GetArrayFromImage(sitk.ReadImage(str(CHEST_CT))).transpose(2, 1, 0)
         vol = (np.clip(vol, -1000, 1000).astype(np.float64) + 1000) / 2000
         X, Y, Z = vol.shape
@@ -158,13 +166,14 @@ def load_cubes(n: int, seed: int) -> tuple[np.ndarray, str]:
             sx = rng.integers(100, X - 64 - 100)
             sy = rng.integers(100, Y - 64 - 100)
             sz = rng.integers(30, Z - 32 - 30)
-            cubes.append(vol[sx:sx + 64, sy:sy + 64, sz:sz + 32])
+            cubes.append(vol[sx : sx + 64, sy : sy + 64, sz : sz + 32])
         return np.stack(cubes)[:, None].astype(np.float32), f"real: {CHEST_CT.name}"
     hu = np.round(np.cumsum(rng.normal(0, 40, (n, 1, 64, 64, 32)), axis=4)).clip(-1000, 1000)
     return ((hu + 1000) / 2000).astype(np.float32), "synthetic CT-like (real data absent)"
 
 
 # ------------------------------------------------------------------------------ timing
+
 
 def pairs_per_s(gens: list, pairs: list[int], batch: int, rounds: int) -> list[float]:
     """Pairs per second of each generator, timed in `rounds` interleaved slices (fast, loop,
@@ -179,21 +188,29 @@ def pairs_per_s(gens: list, pairs: list[int], batch: int, rounds: int) -> list[f
             for _ in range(per_round[k]):
                 next(gen)
             spent[k] += time.perf_counter() - t0
-    return [n * rounds * batch / t for n, t in zip(per_round, spent)]
+    return [n * rounds * batch / t for n, t in zip(per_round, spent, strict=True)]
 
 
 def per_transform_ms(img: np.ndarray, reps: int, rng: np.random.Generator) -> dict:
     """ms per cube of each transform applied (prob 1), fast vs loop."""
     x = img[0].copy()
     cases = {
-        "local shuffle": (lambda: T.local_pixel_shuffling(x, 1.0, rng=rng),
-                          lambda: loop_local_shuffle(x, 1.0, rng)),
-        "non-linear": (lambda: T.nonlinear_transformation(x, 1.0, rng=rng),
-                       lambda: loop_nonlinear(x, 1.0, rng)),
-        "in-painting": (lambda: T.image_in_painting(x.copy(), rng=rng),
-                        lambda: loop_in_painting(x.copy(), rng)),
-        "out-painting": (lambda: T.image_out_painting(x, rng=rng),
-                         lambda: loop_out_painting(x, rng)),
+        "local shuffle": (
+            lambda: T.local_pixel_shuffling(x, 1.0, rng=rng),
+            lambda: loop_local_shuffle(x, 1.0, rng),
+        ),
+        "non-linear": (
+            lambda: T.nonlinear_transformation(x, 1.0, rng=rng),
+            lambda: loop_nonlinear(x, 1.0, rng),
+        ),
+        "in-painting": (
+            lambda: T.image_in_painting(x.copy(), rng=rng),
+            lambda: loop_in_painting(x.copy(), rng),
+        ),
+        "out-painting": (
+            lambda: T.image_out_painting(x, rng=rng),
+            lambda: loop_out_painting(x, rng),
+        ),
     }
     res = {}
     for name, (fast, loop) in cases.items():
@@ -211,18 +228,27 @@ def per_transform_ms(img: np.ndarray, reps: int, rng: np.random.Generator) -> di
     return res
 
 
-def dataset_pairs_per_s(img: np.ndarray, workers: int, multiprocessing: bool, steps: int,
-                        batch: int) -> float:
+def dataset_pairs_per_s(
+    img: np.ndarray, workers: int, multiprocessing: bool, steps: int, batch: int
+) -> float:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
     from genesis_dataset import GenesisPairDataset
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "cubes.npy")
         np.save(path, img[:, 0])
-        ds = GenesisPairDataset(path, batch, SimpleNamespace(save_samples=None, **RATES),
-                                seed=0, steps=steps, workers=workers,
-                                use_multiprocessing=multiprocessing, max_queue_size=10)
+        ds = GenesisPairDataset(
+            path,
+            batch,
+            SimpleNamespace(save_samples=None, **RATES),
+            seed=0,
+            steps=steps,
+            workers=workers,
+            use_multiprocessing=multiprocessing,
+            max_queue_size=10,
+        )
         adapter = PyDatasetAdapter(ds, shuffle=False)
         times = []
         for _ in range(2):  # the first epoch warms up the workers
@@ -238,17 +264,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example: .venv/bin/python benchmarks/bench_transforms.py --pairs 3000 "
-               "--loop-pairs 60",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "--loop-pairs 60",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pairs", type=int, default=1800, help="pairs timed, fast version")
     parser.add_argument("--loop-pairs", type=int, default=36, help="pairs timed, loop version")
-    parser.add_argument("--rounds", type=int, default=6,
-                        help="interleaved timing slices of the fast and loop versions")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="interleaved timing slices of the fast and loop versions",
+    )
     parser.add_argument("--cubes", type=int, default=32, help="distinct cubes to draw from")
     parser.add_argument("--steps", type=int, default=60, help="PyDataset batches per epoch")
     parser.add_argument("--reps", type=int, default=100, help="repeats per transform timing")
-    parser.add_argument("--skip-dataset", action="store_true",
-                        help="skip the PyDataset measurement (no Keras import)")
+    parser.add_argument(
+        "--skip-dataset",
+        action="store_true",
+        help="skip the PyDataset measurement (no Keras import)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -265,13 +299,21 @@ def main(argv=None) -> int:
     # One core from here on: numba kernels are single-threaded; pin BLAS/numpy too.
     os.sched_setaffinity(0, {cpus[0]})
     cfg = SimpleNamespace(save_samples=None, **RATES)
-    fast, loop = pairs_per_s([T.generate_pair(img, batch, cfg, rng=np.random.default_rng(1)),
-                              loop_generate_pair(img, batch, np.random.default_rng(1))],
-                             [args.pairs, args.loop_pairs], batch, args.rounds)
-    results.update(fast_pairs_per_s_one_core=round(fast, 1),
-                   loop_pairs_per_s_one_core=round(loop, 2), speedup=round(fast / loop, 1))
-    results["per_transform_one_core"] = per_transform_ms(img, args.reps,
-                                                         np.random.default_rng(2))
+    fast, loop = pairs_per_s(
+        [
+            T.generate_pair(img, batch, cfg, rng=np.random.default_rng(1)),
+            loop_generate_pair(img, batch, np.random.default_rng(1)),
+        ],
+        [args.pairs, args.loop_pairs],
+        batch,
+        args.rounds,
+    )
+    results.update(
+        fast_pairs_per_s_one_core=round(fast, 1),
+        loop_pairs_per_s_one_core=round(loop, 2),
+        speedup=round(fast / loop, 1),
+    )
+    results["per_transform_one_core"] = per_transform_ms(img, args.reps, np.random.default_rng(2))
     print(f"cubes: {source}")
     print(f"one core, pairs/s: fast {fast:.1f}  loop {loop:.2f}  speed-up {fast / loop:.1f}x")
     for name, r in results["per_transform_one_core"].items():

@@ -10,7 +10,7 @@ epoch (XLA compilation), then the median of `--repeats` timed epochs of `--steps
 Needs a GPU; on a GPU machine with the requirements installed (JAX with CUDA):
 
     KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --json $OUT/unet_throughput.json
-    KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --tiny     # CPU smoke test, 1 to 3 min
+    KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --tiny  # CPU smoke test, 1 to 3 min
 
 Expect a few minutes on the GPU, most of it XLA compilation (8 settings, each compiled once);
 `--batches 6` or `--batches 32` halves it. Results vary by card: compare only within one run.
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --json unet.json\n"
+        epilog="example:\n"
+        "  KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --json unet.json\n"
         "  KERAS_BACKEND=jax python benchmarks/gpu_unet_throughput.py --tiny",
     )
     p.add_argument(
@@ -130,8 +131,8 @@ def measure(
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
-
     import keras
+
     import unet3d
 
     cube, base = ((16, 16, 8), 4) if args.tiny else ((64, 64, 32), 32)
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
         f"keras {keras.__version__}, jax {jax.__version__}"
     )
     print(
-        f"cube {cube}, {base} base filters, batch norm; {steps} steps x {repeats} timed epochs after a warm-up"
+        f"cube {cube}, {base} base filters, batch norm; {steps} steps x {repeats} timed epochs "
+        "after a warm-up"
     )
     results = []
     for batch, dtype, data_format in itertools.product(
@@ -187,13 +189,14 @@ def main(argv=None) -> int:
         )
         if "error" in res:
             print(
-                f"| {res['batch']} | {res['dtype']} | {res['data_format']} | failed: {res['error'][:60]} | | | {ref} |"
+                f"| {res['batch']} | {res['dtype']} | {res['data_format']} | "
+                f"failed: {res['error'][:60]} | | | {ref} |"
             )
             continue
         tflops = f"{res['tflops']:.0f}" if res["tflops"] is not None else "-"
         print(
-            f"| {res['batch']} | {res['dtype']} | {res['data_format']} | {res['cubes_per_s']:.1f} | "
-            f"{res['ms_per_step']:.1f} | {tflops} | {ref} |"
+            f"| {res['batch']} | {res['dtype']} | {res['data_format']} | "
+            f"{res['cubes_per_s']:.1f} | {res['ms_per_step']:.1f} | {tflops} | {ref} |"
         )
     if args.json:
         write_json(

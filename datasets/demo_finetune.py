@@ -34,7 +34,7 @@ def h5_kernel(path: str, layer: str):
             found.append(obj[()])
 
     with h5py.File(path, "r") as f:
-        root = f["model_weights"] if "model_weights" in f else f
+        root = f.get("model_weights", f)
         root[layer].visititems(visit)
     if len(found) != 1:
         raise ValueError(f"Expected one kernel for layer {layer} in {path}. Received: {len(found)}")

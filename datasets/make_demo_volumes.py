@@ -34,10 +34,11 @@ from genesis_files import atomic_path
 def _smooth_noise(
     rng: np.random.Generator, shape: Sequence[int], factor: Sequence[int], sigma: Sequence[float]
 ) -> np.ndarray:
-    """Zero-mean, unit-variance smooth noise of ``shape``, made at a lower resolution and upsampled."""
+    """Zero-mean, unit-variance smooth noise of ``shape``, made at a lower resolution and
+    upsampled."""
     from scipy import ndimage
 
-    small = [-(-s // f) for s, f in zip(shape, factor)]
+    small = [-(-s // f) for s, f in zip(shape, factor, strict=True)]
     field = ndimage.gaussian_filter(
         rng.standard_normal(small).astype(np.float32), sigma, mode="wrap"
     )
@@ -52,7 +53,8 @@ def synthetic_chest_ct(shape_xyz: Sequence[int], rng: np.random.Generator) -> np
     """One synthetic chest CT volume.
 
     Args:
-        shape_xyz: size (x, y, z); with the 100-voxel border, 64x64 windows reach the lungs from about 384.
+        shape_xyz: size (x, y, z); with the 100-voxel border, 64x64 windows reach the lungs from
+            about 384.
         rng: the generator every random choice comes from.
 
     Returns:
@@ -165,15 +167,21 @@ def write_volumes(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: see --help."""
     parser = argparse.ArgumentParser(
-        description="Write synthetic chest CT volumes in LUNA16's layout ({out}/subsetN/*.mhd + .raw, int16 HU).",
-        epilog="example:\n  python datasets/make_demo_volumes.py --out demo_output/luna16 --subsets 0 1 --per-subset 2\n"
-        "then:\n  python infinite_generator_3D.py --fold 0 --data demo_output/luna16 --save demo_output/generated_cubes",
+        description="Write synthetic chest CT volumes in LUNA16's layout "
+        "({out}/subsetN/*.mhd + .raw, int16 HU).",
+        epilog="example:\n"
+        "  python datasets/make_demo_volumes.py --out demo_output/luna16 "
+        "--subsets 0 1 --per-subset 2\n"
+        "then:\n"
+        "  python infinite_generator_3D.py --fold 0 --data demo_output/luna16 "
+        "--save demo_output/generated_cubes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--out",
         default="datasets/demo_luna16",
-        help="root folder to create (must not exist unless --overwrite) (default: datasets/demo_luna16)",
+        help="root folder to create (must not exist unless --overwrite) "
+        "(default: datasets/demo_luna16)",
     )
     parser.add_argument(
         "--subsets", type=int, nargs="+", default=[0, 1], help="subset numbers (default: 0 1)"
@@ -185,8 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs=3,
         default=[384, 384, 112],
         metavar=("X", "Y", "Z"),
-        help="volume size in voxels; z >= 96 for 64x64x32 cubes, and x, y >= 384 so that the lungs reach into "
-        "the region the 100-voxel border leaves to 64x64 windows (default: 384 384 112)",
+        help="volume size in voxels; z >= 96 for 64x64x32 cubes, and x, y >= 384 so that the lungs "
+        "reach into the region the 100-voxel border leaves to 64x64 windows "
+        "(default: 384 384 112)",
     )
     parser.add_argument(
         "--spacing",
@@ -202,13 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if any(s not in range(10) for s in args.subsets):
         parser.error(
-            f"Expected subset numbers in 0..9. Received: --subsets {' '.join(map(str, args.subsets))}"
+            "Expected subset numbers in 0..9. "
+            f"Received: --subsets {' '.join(map(str, args.subsets))}"
         )
     if args.per_subset < 1:
         parser.error(f"Expected --per-subset >= 1. Received: {args.per_subset}")
     if min(args.size) < 1 or min(args.spacing) <= 0:
         parser.error(
-            f"Expected positive sizes and spacings. Received: --size {args.size} --spacing {args.spacing}"
+            "Expected positive sizes and spacings. "
+            f"Received: --size {args.size} --spacing {args.spacing}"
         )
     if os.path.exists(args.out):
         if not args.overwrite:

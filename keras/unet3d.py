@@ -24,9 +24,9 @@ Two things differ from a plain Keras 3 port, both with the same weights and file
   that way, so a channels-first ``Conv3D`` whose depth equals its number of filters (64x64x32
   input, 32 filters: the network's first layer) silently adds the bias along depth.
 * ``unet_model_3d`` returns a :class:`UNet3D`, a functional model whose ``load_weights``
-  first checks a Keras 2 ``.h5``, ``.weights.h5`` or ``.keras`` file layer by layer (naming the first
-  layer that does not fit, with both shapes), and whose ``save``/``save_weights`` write to a
-  temporary file and rename it, so an interrupted save never leaves a truncated file.
+  first checks a Keras 2 ``.h5``, ``.weights.h5`` or ``.keras`` file layer by layer (naming the
+  first layer that does not fit, with both shapes), and whose ``save``/``save_weights`` write to
+  a temporary file and rename it, so an interrupted save never leaves a truncated file.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import h5py
-from keras.layers import Dense, GlobalAveragePooling3D, Softmax
-
 import keras
 from keras import ops
+from keras.layers import Dense, GlobalAveragePooling3D, Softmax
 
 __all__ = [
     "unet_model_3d",
@@ -210,7 +209,8 @@ def check_legacy_h5_weights(model: keras.Model, filepath: str | os.PathLike) -> 
 
 
 def _keras3_file_layers(filepath: str) -> list[tuple[str, list[tuple[str, tuple]]]]:
-    """Layers with weights in a Keras 3 ``.weights.h5`` (or ``.keras``) file, by recorded layer name."""
+    """Layers with weights in a Keras 3 ``.weights.h5`` (or ``.keras``) file, by recorded layer
+    name."""
     layers = []
     source = filepath
     if filepath.endswith(".keras"):
@@ -278,7 +278,8 @@ _SAVE_SUFFIXES = (".weights.h5", ".keras", ".h5", ".hdf5")
 
 @contextlib.contextmanager
 def _atomic_target(filepath: str) -> Iterator[str]:
-    """Yield a temporary path in the target's folder, with the same format suffix; rename on success."""
+    """Yield a temporary path in the target's folder, with the same format suffix; rename on
+    success."""
     suffix = next(s for s in _SAVE_SUFFIXES if filepath.endswith(s))
     folder = os.path.dirname(os.path.abspath(filepath))
     fd, tmp = tempfile.mkstemp(
@@ -365,7 +366,8 @@ class UNet3D(keras.Model):
 
 
 def valid_spatial_sizes(size: int, factor: int) -> tuple[int, int]:
-    """The nearest multiples of ``factor`` below and above ``size`` (the lower one at least ``factor``).
+    """The nearest multiples of ``factor`` below and above ``size`` (the lower one at least
+    ``factor``).
 
     Args:
         size: a spatial size.
@@ -391,7 +393,7 @@ def _check_input_shape(input_shape, pool_size, depth: int, data_format: str) -> 
             f"Expected input_shape={order} for {data_format}. Received: input_shape={input_shape!r}"
         )
     spatial = shape[1:] if data_format == "channels_first" else shape[:3]
-    for axis, size, pool in zip(("rows", "cols", "deps"), spatial, pool_size):
+    for axis, size, pool in zip(("rows", "cols", "deps"), spatial, pool_size, strict=True):
         factor = int(pool) ** (depth - 1)
         if size is None:
             continue  # sizes given at call time are checked by the layers
@@ -451,7 +453,8 @@ def unet_model_3d(
     data_format = "channels_first" if data_format is None else data_format
     if data_format not in _DATA_FORMATS:
         raise ValueError(
-            f"Expected data_format in {_DATA_FORMATS} or None. Received: data_format={data_format!r}"
+            f"Expected data_format in {_DATA_FORMATS} or None. "
+            f"Received: data_format={data_format!r}"
         )
     if isinstance(pool_size, int):
         pool_size = (pool_size,) * 3

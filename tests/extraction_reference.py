@@ -13,7 +13,8 @@ import numpy as np
 
 
 def normalise_volume(volume_xyz: np.ndarray, hu_min: float, hu_max: float) -> np.ndarray:
-    """The normalisation on the whole volume: clip, then (v - hu_min) / (hu_max - hu_min) in float64."""
+    """The normalisation on the whole volume: clip, then (v - hu_min) / (hu_max - hu_min) in
+    float64."""
     v = volume_xyz.astype(np.float64)
     v = np.clip(v, hu_min, hu_max)
     return (v - hu_min) / (hu_max - hu_min)
@@ -46,7 +47,8 @@ def tissue_score_sum_loop(
 def tissue_score_sum_argmax(
     window: np.ndarray, HU_thred: float, input_deps: int, len_depth: int
 ) -> float:
-    """The same sum as tissue_score_sum_loop, from an explicit per-voxel k array (a fast second reference)."""
+    """The same sum as tissue_score_sum_loop, from an explicit per-voxel k array (a fast second
+    reference)."""
     stacked = np.stack(
         [window[:, :, kk : kk + input_deps] >= HU_thred for kk in range(len_depth)], axis=-1
     )

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import extraction_reference as ref
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import extraction_reference as ref
 import infinite_generator_3D as ig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,8 +237,8 @@ def test_cli_end_to_end_workers_give_identical_bytes(mixed_fold, tmp_path):
         out = proc.stdout
         assert "fold 3: 7 volumes, 2 used, 5 gave no cube; 8 cubes written" in out
         assert (
-            f"no cube from {data}/subset3/b_small.mhd: too small for the borders: expected x >= 265 and y >= 265"
-            in out
+            f"no cube from {data}/subset3/b_small.mhd: too small for the borders: "
+            "expected x >= 265 and y >= 265" in out
         )
         assert "c_trunc.mhd: cannot read: data file c_trunc.raw holds" in out
         assert "d_nan.mha: Expected finite HU values" in out
@@ -453,7 +453,7 @@ def test_interrupt_during_extraction_writes_nothing(mixed_fold, tmp_path, monkey
     assert not save.exists() or os.listdir(save) == []
 
 
-# --- demo volumes ----------------------------------------------------------------------------------
+# --- demo volumes ---------------------------------------------------------------------------------
 
 
 def test_demo_volumes_are_luna16_like_and_give_cubes(tmp_path):
@@ -528,11 +528,12 @@ def test_unwritable_save_folder_is_an_error_not_a_traceback(mixed_fold, tmp_path
     assert "Expected --save to be a folder" in err and "is a file" in err
 
 
-# --- the real chest CT through the command line ----------------------------------------------------
+# --- the real chest CT through the command line ---------------------------------------------------
 
 
 def test_cli_on_real_ct_writes_the_original_cubes(chest_ct_path, tmp_path):
-    """A fold holding one volume: the file holds exactly the reference's cubes (float64), any --workers."""
+    """A fold holding one volume: the file holds exactly the reference's cubes (float64), any
+    --workers."""
     fold = tmp_path / "data" / "subset5"
     fold.mkdir(parents=True)
     os.symlink(chest_ct_path, fold / chest_ct_path.name)
@@ -565,11 +566,12 @@ def test_cli_on_real_ct_writes_the_original_cubes(chest_ct_path, tmp_path):
         assert "fold 5: 1 volumes, 1 used, 0 gave no cube; 5 cubes written" in proc.stdout
 
 
-# --- start-up path and signals ---------------------------------------------------------------------
+# --- start-up path and signals --------------------------------------------------------------------
 
 
 def test_import_and_run_load_no_heavy_module(tmp_path):
-    """Importing the module loads NumPy only; a whole run never loads Keras, TensorFlow or scikit-image."""
+    """Importing the module loads NumPy only; a whole run never loads Keras, TensorFlow or
+    scikit-image."""
     fold = tmp_path / "data" / "subset0"
     write(fold / "a.mhd", lung_like_volume(5))
     code = f"""
@@ -577,7 +579,8 @@ import sys
 import infinite_generator_3D as ig
 heavy = ("SimpleITK", "skimage", "scipy", "tqdm", "keras", "tensorflow", "jax", "torch")
 print(sorted(m for m in heavy if m in sys.modules))
-status = ig.main(["--fold", "0", "--scale", "2", "--data", {str(tmp_path / "data")!r}, "--save", {str(tmp_path / "s")!r}])
+status = ig.main(["--fold", "0", "--scale", "2", "--data", {str(tmp_path / "data")!r}, \
+"--save", {str(tmp_path / "s")!r}])
 print(status, sorted(m for m in heavy if m in sys.modules))
 """
     proc = subprocess.run(
@@ -590,7 +593,8 @@ print(status, sorted(m for m in heavy if m in sys.modules))
 
 
 def test_sigterm_while_saving_leaves_no_file(tmp_path):
-    """kill (SIGTERM) during the write unwinds like Ctrl-C: exit 143, no temporary or partial file."""
+    """kill (SIGTERM) during the write unwinds like Ctrl-C: exit 143, no temporary or partial
+    file."""
     fold = tmp_path / "data" / "subset0"
     write(fold / "a.mhd", lung_like_volume(6))
     save = tmp_path / "save"
@@ -601,12 +605,14 @@ import infinite_generator_3D as ig
 real = np.lib.format.open_memmap
 def open_then_killed(*args, **kwargs):
     out = real(*args, **kwargs)
-    assert any(n.startswith(".tmp-") for n in os.listdir({str(save)!r}))  # the temporary file exists now
+    assert any(n.startswith(".tmp-") for n in os.listdir({str(save)!r}))\
+  # the temporary file exists now
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)
     return out
 np.lib.format.open_memmap = open_then_killed
-sys.exit(ig.main(["--fold", "0", "--scale", "2", "--no-progress", "--data", {str(tmp_path / "data")!r},
+sys.exit(ig.main(["--fold", "0", "--scale", "2", "--no-progress", \
+"--data", {str(tmp_path / "data")!r},
                   "--save", {str(save)!r}]))
 """
     proc = subprocess.run(

@@ -1,14 +1,15 @@
-"""The cube sampler against a plain, slow reading of the algorithm (tests/extraction_reference.py)."""
+"""The cube sampler against a plain, slow reading of the algorithm
+(tests/extraction_reference.py)."""
 
 from __future__ import annotations
 
 import random
 from fractions import Fraction
 
-import extraction_reference as ref
 import numpy as np
 import pytest
 
+import extraction_reference as ref
 from infinite_generator_3D import (
     air_test_limit,
     infinite_generator_from_one_volume,
@@ -62,7 +63,8 @@ def test_config_constants_and_threshold():
         64,
     )
     assert c.HU_thred == (-150 - (-1000)) / (1000 - (-1000)) == 0.425
-    # -150 HU normalises (as the original computes it) to exactly the threshold: it counts as tissue.
+    # -150 HU normalises (as the original computes it) to exactly the threshold: it counts as
+    # tissue.
     assert normalise_hu(np.array([-150], np.int16), -1000.0, 1000.0)[0] == c.HU_thred
     assert normalise_hu(np.array([-151], np.int16), -1000.0, 1000.0)[0] < c.HU_thred
     # Original keyword arguments are accepted.
@@ -107,7 +109,8 @@ def test_normalise_matches_whole_volume_bits():
     "hu_min, hu_max", [(-1000.0, 1000.0), (-1024.0, 3071.0), (-1000.0, 400.0), (0.0, 4000.0)]
 )
 def test_raw_threshold_agrees_with_normalised_test_on_every_value(dtype, hu_min, hu_max):
-    """Exhaustive: for every value of the dtype, raw >= threshold exactly when normalised >= HU_thred."""
+    """Exhaustive: for every value of the dtype, raw >= threshold exactly when normalised >=
+    HU_thred."""
     thred = (-150.0 - hu_min) / (hu_max - hu_min)
     info = np.iinfo(dtype)
     values = np.arange(info.min, info.max + 1).astype(dtype)
@@ -136,7 +139,8 @@ def test_raw_threshold_wide_integers(dtype):
 def test_tissue_score_hand_computed():
     t = 0.425
     low, high = 0.1, t  # exactly at the threshold counts as tissue
-    # One column, 2 scored voxels, look-ahead 3: d=0 hits at k=0 (score 1), d=1 no hit in 3 (score 0).
+    # One column, 2 scored voxels, look-ahead 3: d=0 hits at k=0 (score 1), d=1 no hit in 3
+    # (score 0).
     w = np.array([high, low, low, low, low]).reshape(1, 1, 5)
     assert tissue_score_sum(w, t, 2, 3) == 1
     # d=0 hits at k=1 (0.5), d=1 at k=0 (1).
@@ -197,7 +201,8 @@ def test_air_test_boundary_sum_equal_to_limit_is_accepted():
 @pytest.mark.parametrize("dtype", [np.int16, np.float32])
 @pytest.mark.parametrize("seed", range(6))
 def test_small_random_volumes_match_loop_reference(seed, dtype):
-    """Whole algorithm on tiny configs: many windows near the threshold, both outcomes, same stream."""
+    """Whole algorithm on tiny configs: many windows near the threshold, both outcomes, same
+    stream."""
     gen = np.random.default_rng(seed)
     c = setup_config(
         input_rows=6,
@@ -236,7 +241,8 @@ def test_all_windows_rejected_gives_none_after_50_times_scale_attempts():
 
 
 def test_rare_air_window_gives_partial_results_like_the_reference():
-    """Only one of 100 window positions passes: some seeds keep 1 or 2 of 3 cubes, one keeps none."""
+    """Only one of 100 window positions passes: some seeds keep 1 or 2 of 3 cubes, one keeps
+    none."""
     c = setup_config(
         input_rows=4,
         input_cols=4,
@@ -324,7 +330,8 @@ def test_none_rng_uses_global_random_module():
 
 @pytest.mark.parametrize("seed", [1, 2, 7])
 def test_real_ct_matches_loop_reference(chest_xyz, seed):
-    """Bit-identical cubes and the same generator state as the per-voxel loop reference (scale 3)."""
+    """Bit-identical cubes and the same generator state as the per-voxel loop reference
+    (scale 3)."""
     c = setup_config(scale=3)
     r_fast, r_ref = random.Random(seed), random.Random(seed)
     fast = infinite_generator_from_one_volume(c, chest_xyz, r_fast)
@@ -337,7 +344,8 @@ def test_real_ct_matches_loop_reference(chest_xyz, seed):
 
 @pytest.mark.parametrize("seed, attempts", [(1, 178), (2, 220)])
 def test_real_ct_full_scale_matches_reference_and_spec_attempt_counts(chest_xyz, seed, attempts):
-    """Scale 32, as the original runs: same cubes as the reference, and the attempt counts of the original's run on this scan."""
+    """Scale 32, as the original runs: same cubes as the reference, and the attempt counts of the
+    original's run on this scan."""
     c = setup_config(scale=32)
     r_fast, r_ref = CountingRandom(seed), random.Random(seed)
     fast = infinite_generator_from_one_volume(c, chest_xyz, r_fast)

@@ -11,11 +11,11 @@ import re
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-from keras2_reference import keras2_reference
 
-import keras
+from keras2_reference import keras2_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,9 @@ def readme_snippets() -> dict[str, str]:
 
 def _substitute(code: str, weight_path: str) -> str:
     swaps = {
-        "input_rows, input_cols, input_deps = 64, 64, 32": "input_rows, input_cols, input_deps = 16, 16, 8",
+        "input_rows, input_cols, input_deps = 64, 64, 32": (
+            "input_rows, input_cols, input_deps = 16, 16, 8"
+        ),
         "batch_normalization=True)": "batch_normalization=True, n_base_filters=4)",
         '"pretrained_weights/Genesis_Chest_CT.h5"': repr(weight_path),
         "epochs=100": "epochs=1",
@@ -50,7 +52,8 @@ def run_snippet(monkeypatch, capsys):
     )
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the snippet appends keras/
-    # A fresh process would have channels_first from `import unet3d`; other tests may have changed it.
+    # A fresh process would have channels_first from `import unet3d`; other tests may have
+    # changed it.
     before = keras.config.image_data_format()
     keras.config.set_image_data_format("channels_first")
 

@@ -1,4 +1,5 @@
-"""The 3D U-Net (docs/weights.md, docs/design.md): structure, data formats, the TF bias trap, metrics and saving."""
+"""The 3D U-Net (docs/weights.md, docs/design.md): structure, data formats, the TF bias trap,
+metrics and saving."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-import unet3d
 from keras import ops
+
+import unet3d
 from unet3d import Conv3D, Conv3DTranspose, UNet3D, unet_model_3d
 
 BACKEND = keras.backend.backend()
@@ -74,10 +75,12 @@ def test_star_import_exports_and_dependencies():
     assert ns["keras"] is keras and ns["Dense"] is keras.layers.Dense
     assert ns["Conv3D"] is Conv3D and issubclass(Conv3D, keras.layers.Conv3D)  # the fixed one
     assert set(unet3d.__all__) <= set(ns)
-    src = open(unet3d.__file__).read()
+    with open(unet3d.__file__) as fh:
+        src = fh.read()
     imports = set(re.findall(r"^(?:import|from)\s+(\w+)", src, re.M))
     assert imports <= {
         "__future__",
+        "collections",
         "contextlib",
         "io",
         "os",
@@ -174,12 +177,16 @@ def test_data_format_none_means_channels_first_even_if_global_is_last():
         (
             (1, 64, 64, 10),
             dict(depth=3),
-            "divisible by pool_size ** (depth - 1) = 4 along deps (pool_size=(2, 2, 2), depth=3). Received: input_shape=(1, 64, 64, 10), deps=10; the nearest deps that work are 8 or 12",
+            "divisible by pool_size ** (depth - 1) = 4 along deps (pool_size=(2, 2, 2), "
+            "depth=3). Received: input_shape=(1, 64, 64, 10), deps=10; the nearest deps that "
+            "work are 8 or 12",
         ),
         (
             (64, 64, 32, 1),
             dict(data_format="channels_last", pool_size=(2, 2, 3)),
-            "= 27 along deps (pool_size=(2, 2, 3), depth=4). Received: input_shape=(64, 64, 32, 1), deps=32; the nearest deps that work are 27 or 54.",
+            "= 27 along deps (pool_size=(2, 2, 3), depth=4). "
+            "Received: input_shape=(64, 64, 32, 1), deps=32; the nearest deps that work are "
+            "27 or 54.",
         ),
         ((64, 64, 32), {}, "Expected input_shape=(channels, rows, cols, deps)"),
         ((1, 64, 64, 32), dict(data_format="NCDHW"), "Received: data_format='NCDHW'"),
@@ -245,7 +252,8 @@ def test_keras_tf_channels_first_bias_defect_still_exists():
 
 
 def _numpy_conv3d_same(x, kernel, bias):
-    """Channels-first 3D cross-correlation, 'same' padding, stride 1, by explicit loops over taps."""
+    """Channels-first 3D cross-correlation, 'same' padding, stride 1, by explicit loops over
+    taps."""
     kr, kc, kd, cin, cout = kernel.shape
     n, _, r, c, d = x.shape
     pr, pc, pd = kr // 2, kc // 2, kd // 2
@@ -340,7 +348,7 @@ def test_channels_first_network_equals_channels_last(deconvolution):
     loss_cl = cl.train_on_batch(_cf_to_cl(x), _cf_to_cl(y))
     np.testing.assert_allclose(loss_cf, loss_cl, rtol=1e-4)
     moved = 0
-    for a, b, v in zip(cf.weights, cl.weights, values):
+    for a, b, v in zip(cf.weights, cl.weights, values, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, err_msg=a.path)
         moved += not np.allclose(np.asarray(a), v)
     assert moved > len(values) // 2
@@ -502,4 +510,6 @@ def test_load_errors_are_clear(tmp_path):
     model.load_weights(
         tmp_path / "bn.weights.h5", skip_mismatch=True
     )  # the escape hatch stays Keras'
-    assert any(not np.allclose(a, np.asarray(w)) for a, w in zip(before, model.weights))
+    assert any(
+        not np.allclose(a, np.asarray(w)) for a, w in zip(before, model.weights, strict=True)
+    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from keras2_reference import keras2_reference
 
+from keras2_reference import keras2_reference
 from unet3d import check_legacy_h5_weights, unet_model_3d
 
 
@@ -124,7 +124,8 @@ def test_mismatched_keras2_file_names_first_differing_layer(ref_bn):
     shallower = _ours(ref_bn, depth=3)
     with pytest.raises(
         ValueError,
-        match=r"#12 differs.*'depth_6_conv' with kernel \(3, 3, 3, 48, 16\).*The model has 21 layers with weights, the file 29",
+        match=r"#12 differs.*'depth_6_conv' with kernel \(3, 3, 3, 48, 16\)"
+        r".*The model has 21 layers with weights, the file 29",
     ):
         shallower.load_weights(ref_bn.weights_only)
 
@@ -132,7 +133,8 @@ def test_mismatched_keras2_file_names_first_differing_layer(ref_bn):
     two = _ours(ref_bn, n_labels=2)
     with pytest.raises(
         ValueError,
-        match=r"#28 differs.*'output_conv' with kernel \(1, 1, 1, 8, 2\).*Received \(file\): 'conv3d' with kernel:0 \(1, 1, 1, 8, 1\)",
+        match=r"#28 differs.*'output_conv' with kernel \(1, 1, 1, 8, 2\)"
+        r".*Received \(file\): 'conv3d' with kernel:0 \(1, 1, 1, 8, 1\)",
     ):
         two.load_weights(ref_bn.weights_only)
 

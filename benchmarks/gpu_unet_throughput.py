@@ -35,8 +35,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "keras"))
 
-import numpy as np  # noqa: E402
-from common import write_json  # noqa: E402
+import numpy as np
+from common import write_json
 
 GFLOP_PER_CUBE = 710.0  # forward + backward, 64x64x32 cube, 32 base filters
 # (batch, dtype, data_format) -> (what, cubes/s) measured on one H200.

@@ -18,9 +18,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "keras"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from unet3d import *  # noqa: E402,F401,F403 - as the README's snippet does; sets channels_first
+from unet3d import *
 
 
 def h5_kernel(path: str, layer: str):
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     weight_dir = args.weights
 
     models_genesis = unet_model_3d(
-        (1, input_rows, input_cols, input_deps),  # noqa: F405
+        (1, input_rows, input_cols, input_deps),
         batch_normalization=True,
         n_base_filters=args.n_base_filters,
     )
@@ -72,14 +72,14 @@ def main(argv=None) -> int:
     models_genesis.load_weights(weight_dir)
 
     x = models_genesis.get_layer("depth_13_relu").output
-    x = Conv3D(num_class, 1)(x)  # noqa: F405
-    output = Softmax(axis=1)(x)  # classes on axis 1: channels-first  # noqa: F405
-    model = keras.models.Model(inputs=models_genesis.input, outputs=output)  # noqa: F405
+    x = Conv3D(num_class, 1)(x)
+    output = Softmax(axis=1)(x)  # classes on axis 1: channels-first
+    model = keras.models.Model(inputs=models_genesis.input, outputs=output)
     model.compile(
         optimizer="rmsprop",
-        loss=dice_coef_loss,  # noqa: F405
+        loss=dice_coef_loss,
         metrics=[mean_iou, dice_coef],
-    )  # noqa: F405
+    )
     # ----------------------------------------------------------------------------
 
     loaded = np.asarray(model.get_layer("depth_0_conv").kernel)

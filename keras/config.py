@@ -1,23 +1,32 @@
 """Pre-training settings of Models Genesis (plain data: no Keras import).
 
-`models_genesis_config` keeps the original's field names and defaults (SPEC section 4) and adds
-a few settings the original hard-coded or lacked (seed, network width, step counts, mixed
+`models_genesis_config` keeps the original's field names and defaults (docs/pretraining.md) and
+adds a few settings the original hard-coded or lacked (seed, network width, step counts, mixed
 precision, data layout, resuming, multi-device training). Every field can be set on the command
 line of `keras/Genesis_Chest_CT.py` as `--field value`.
+
+Layouts: the library API (`unet3d.unet_model_3d`, `GenesisPairDataset`) defaults to the
+original's channels-first layout, so code written for the original keeps working; pre-training
+defaults to channels-last (`genesis_files.TRAINING_DATA_FORMAT`), which trains faster. The
+weights do not depend on the layout: the saved .h5 loads into a model of either.
+
+Imports: stdlib, genesis_files.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
-DATA_FORMATS = ("channels_first", "channels_last")
+from genesis_files import DATA_FORMATS, TRAINING_DATA_FORMAT
+
 DISTRIBUTE_MODES = ("auto", "off", "all")
 
 
 @dataclass
-class models_genesis_config:  # noqa: N801 - the original's class name
+class models_genesis_config:  # the original's class name (N801 is ignored project-wide)
     """Models Genesis pre-training configuration.
 
     Fields left as None are derived in `__post_init__`: `exp_name` is `model + "-" + suffix`,
@@ -28,18 +37,18 @@ class models_genesis_config:  # noqa: N801 - the original's class name
     # Experiment naming.
     model: str = "Vnet"
     suffix: str = "genesis_chest_ct"
-    exp_name: Optional[str] = None
+    exp_name: str | None = None
     # Data: the folder holding the extracted cube files (the original called it DATA_DIR / data).
     data: str = "generated_cubes"
-    train_fold: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    valid_fold: List[int] = field(default_factory=lambda: [5, 6])
-    test_fold: List[int] = field(default_factory=lambda: [7, 8, 9])
+    train_fold: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    valid_fold: list[int] = field(default_factory=lambda: [5, 6])
+    test_fold: list[int] = field(default_factory=lambda: [7, 8, 9])
     scale: int = 32
     input_rows: int = 64
     input_cols: int = 64
     input_deps: int = 32
     # Model pre-training.
-    weights: Optional[str] = None
+    weights: str | None = None
     batch_size: int = 6
     optimizer: str = "sgd"
     lr: float = 1.0
@@ -47,9 +56,9 @@ class models_genesis_config:  # noqa: N801 - the original's class name
     patience: int = 50
     workers: int = 10
     max_queue_size: int = 40
-    save_samples: Optional[str] = "png"
+    save_samples: str | None = "png"
     verbose: int = 1
-    # Image deformation (SPEC section 2).
+    # Image deformation (docs/transforms.md).
     flip_rate: float = 0.4
     local_rate: float = 0.5
     nonlinear_rate: float = 0.9
@@ -58,15 +67,15 @@ class models_genesis_config:  # noqa: N801 - the original's class name
     inpaint_rate: float = 0.2
     # Outputs. Relative paths are taken against the current working directory.
     model_path: str = "pretrained_weights"
-    logs_path: Optional[str] = None
+    logs_path: str | None = None
     sample_path: str = "pair_samples"
     # Additions (the original hard-coded these or lacked them); defaults keep its behaviour.
     seed: int = 0
     n_base_filters: int = 32
-    steps_per_epoch: Optional[int] = None
-    validation_steps: Optional[int] = None
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
     mixed_precision: bool = False
-    data_format: str = "channels_last"
+    data_format: str = TRAINING_DATA_FORMAT  # "channels_last": see the module docstring
     resume: bool = False
     use_multiprocessing: bool = False
     distribute: str = "auto"
@@ -80,24 +89,40 @@ class models_genesis_config:  # noqa: N801 - the original's class name
 
     def validate(self) -> None:
         """Check value ranges; raise ValueError naming the field and what was expected."""
-        for name in ("batch_size", "input_rows", "input_cols", "input_deps", "scale",
-                     "nb_epoch", "n_base_filters"):
+        for name in (
+            "batch_size",
+            "input_rows",
+            "input_cols",
+            "input_deps",
+            "scale",
+            "nb_epoch",
+            "n_base_filters",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Expected {name} to be a positive integer. "
-                                 f"Received: {name}={value!r}")
+                raise ValueError(
+                    f"Expected {name} to be a positive integer. Received: {name}={value!r}"
+                )
         for name in ("patience", "workers", "max_queue_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"Expected {name} to be an integer >= 0. "
-                                 f"Received: {name}={value!r}")
+                raise ValueError(
+                    f"Expected {name} to be an integer >= 0. Received: {name}={value!r}"
+                )
         for name in ("steps_per_epoch", "validation_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Expected {name} to be None or a positive integer. "
-                                 f"Received: {name}={value!r}")
-        for name in ("flip_rate", "local_rate", "nonlinear_rate", "paint_rate",
-                     "outpaint_rate", "inpaint_rate"):
+                raise ValueError(
+                    f"Expected {name} to be None or a positive integer. Received: {name}={value!r}"
+                )
+        for name in (
+            "flip_rate",
+            "local_rate",
+            "nonlinear_rate",
+            "paint_rate",
+            "outpaint_rate",
+            "inpaint_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"Expected {name} in [0, 1]. Received: {name}={value!r}")
@@ -105,27 +130,39 @@ class models_genesis_config:  # noqa: N801 - the original's class name
             raise ValueError(f"Expected lr > 0. Received: lr={self.lr!r}")
         if self.optimizer.lower() != "sgd":
             # The original only ever ran SGD; other names are refused rather than ignored.
-            raise ValueError(f"Expected optimizer='sgd' (the only one the original trains with). "
-                             f"Received: optimizer={self.optimizer!r}")
+            raise ValueError(
+                f"Expected optimizer='sgd' (the only one the original trains with). "
+                f"Received: optimizer={self.optimizer!r}"
+            )
         if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"Expected data_format in {DATA_FORMATS}. "
-                             f"Received: data_format={self.data_format!r}")
+            raise ValueError(
+                f"Expected data_format in {DATA_FORMATS}. "
+                f"Received: data_format={self.data_format!r}"
+            )
         if self.distribute not in DISTRIBUTE_MODES:
-            raise ValueError(f"Expected distribute in {DISTRIBUTE_MODES}. "
-                             f"Received: distribute={self.distribute!r}")
+            raise ValueError(
+                f"Expected distribute in {DISTRIBUTE_MODES}. "
+                f"Received: distribute={self.distribute!r}"
+            )
         if self.save_samples not in (None, "png"):
-            raise ValueError(f"Expected save_samples to be 'png' or None. "
-                             f"Received: save_samples={self.save_samples!r}")
+            raise ValueError(
+                f"Expected save_samples to be 'png' or None. "
+                f"Received: save_samples={self.save_samples!r}"
+            )
         for name in ("train_fold", "valid_fold", "test_fold"):
             folds = getattr(self, name)
             if not isinstance(folds, (list, tuple)) or not all(
-                    isinstance(f, int) and not isinstance(f, bool) for f in folds):
-                raise ValueError(f"Expected {name} to be a list of integers. "
-                                 f"Received: {name}={folds!r}")
+                isinstance(f, int) and not isinstance(f, bool) for f in folds
+            ):
+                raise ValueError(
+                    f"Expected {name} to be a list of integers. Received: {name}={folds!r}"
+                )
         if not self.train_fold or not self.valid_fold:
-            raise ValueError("Expected at least one training and one validation fold. "
-                             f"Received: train_fold={self.train_fold}, "
-                             f"valid_fold={self.valid_fold}")
+            raise ValueError(
+                "Expected at least one training and one validation fold. "
+                f"Received: train_fold={self.train_fold}, "
+                f"valid_fold={self.valid_fold}"
+            )
 
     @property
     def input_shape(self) -> tuple:
@@ -142,13 +179,14 @@ class models_genesis_config:  # noqa: N801 - the original's class name
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "models_genesis_config":
+    def from_dict(cls, values: dict) -> models_genesis_config:
         """Build a config from a dict (such as a saved JSON); unknown keys raise ValueError."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"Expected config keys among {sorted(names)}. "
-                             f"Received unknown keys: {unknown}")
+            raise ValueError(
+                f"Expected config keys among {sorted(names)}. Received unknown keys: {unknown}"
+            )
         return cls(**values)
 
     def display(self) -> None:
@@ -166,7 +204,7 @@ FIELD_HELP = {
     "suffix": "experiment suffix, the second part of exp_name",
     "exp_name": "experiment name: file names of the weights, logs and samples",
     "data": "folder of the cube files bat_{scale}_s_{R}x{C}x{D}_{fold}.npy "
-            "(or the original's bat_{scale}_{R}x{C}x{D}_{fold}.npy)",
+    "(or the original's bat_{scale}_{R}x{C}x{D}_{fold}.npy)",
     "train_fold": "folds to train on",
     "valid_fold": "folds to validate on",
     "test_fold": "folds kept for testing (not used in pre-training)",
@@ -183,7 +221,7 @@ FIELD_HELP = {
     "workers": "threads (or processes) that make training pairs",
     "max_queue_size": "batches made ahead of the training step",
     "save_samples": "'png' writes about one training pair in 100 batches to "
-                    "sample_path/exp_name; 'none' writes none",
+    "sample_path/exp_name; 'none' writes none",
     "verbose": "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch",
     "flip_rate": "probability of each of up to three flips",
     "local_rate": "probability of local pixel shuffling",
@@ -200,11 +238,11 @@ FIELD_HELP = {
     "validation_steps": "validation batches per epoch (default: validation cubes // batch_size)",
     "mixed_precision": "train in mixed bfloat16 (weights stay float32)",
     "data_format": "tensor layout while training: channels_last (fastest) or channels_first; "
-                   "the saved weights load into either",
+    "the saved weights load into either",
     "resume": "continue the run in model_path from its last finished epoch",
     "use_multiprocessing": "make training pairs in processes instead of threads",
     "distribute": "auto: data-parallel over all GPUs when more than one is visible; "
-                  "off: one device; all: every visible device, CPUs included (tests)",
+    "off: one device; all: every visible device, CPUs included (tests)",
 }
 
 FIELD_CHOICES = {"data_format": DATA_FORMATS, "distribute": DISTRIBUTE_MODES}

@@ -5,22 +5,31 @@
 whole, and unmapping the pages each batch read, so the resident size does not grow over an
 epoch), and batch i of epoch e is a pure function of (seed, e, i), so results do not depend
 on the number of workers, on threads versus processes, or on the order Keras asks for batches.
-The transforms themselves live in `transforms.py` (pure NumPy).
+The transforms themselves live in `transforms.py` (pure NumPy); see docs/pretraining.md.
+
+Layouts: like `unet3d.unet_model_3d`, the dataset defaults to the original's channels-first
+layout (`genesis_files.MODEL_DATA_FORMAT`), so code written for the original keeps working;
+the pre-training command line asks for channels-last (`genesis_files.TRAINING_DATA_FORMAT`),
+which trains faster. The weights do not depend on the layout.
+
+Imports: stdlib, numpy, keras, transforms, genesis_files.
 """
+
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
 import sys
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import keras
+import numpy as np
 
 import transforms
+from genesis_files import DATA_FORMATS, MODEL_DATA_FORMAT
 
-DATA_FORMATS = ("channels_first", "channels_last")
 STATUSES = ("train", "test")
 
 
@@ -33,12 +42,15 @@ class GenesisPairDataset(keras.utils.PyDataset):
     jumps to one (e.g. when resuming).
 
     Keras' `model.fit` calls `on_epoch_end` once before its first epoch too (its epoch
-    iterator's `reset()`), so fit's epoch k reads dataset epoch k + 1 (a validation dataset
-    gets extra calls from each evaluation). To resume with `fit(..., initial_epoch=k)`, call
+    iterator's `reset()`), and a validation dataset gets two more calls from each evaluation,
+    so counting those calls gives epoch numbers that differ between a fresh and a resumed run:
+    fit's epoch k reads dataset epoch k + 1. To resume with `fit(..., initial_epoch=k)`, call
     `set_epoch(k)` first: the batches are then those an uninterrupted run would have seen.
-    Or override `on_epoch_end` to do nothing and call `set_epoch(epoch)` from a callback's
-    `on_epoch_begin` (Keras starts its workers after the callbacks), as the trainer does. The epoch only changes between epochs (after Keras
-    has stopped its workers), so threads and worker processes all see the right one.
+    Or pass `epoch_from_keras=False`, so `on_epoch_end` does nothing, and call
+    `set_epoch(epoch)` from a callback's `on_epoch_begin` (Keras starts its workers after the
+    callbacks), as the trainer does: batch i of epoch e is then the same in a fresh and in a
+    resumed run. The epoch only changes between epochs (after Keras has stopped its workers),
+    so threads and worker processes all see the right one.
 
     Args:
         cube_files: a path or list of paths of `.npy` files, each (N, R, C, D) or
@@ -50,35 +62,50 @@ class GenesisPairDataset(keras.utils.PyDataset):
         seed: base seed of every batch's generator.
         status: "train" (the original's sample PNGs, about one batch in 100, when
             config.save_samples is set) or "test" (no PNGs).
-        data_format: "channels_first" gives (B, 1, R, C, D); "channels_last" (B, R, C, D, 1).
+        data_format: "channels_first" (the default, the original's layout) gives
+            (B, 1, R, C, D); "channels_last" (B, R, C, D, 1).
         steps: batches per epoch; None means total cubes // batch_size (as the original's
             steps_per_epoch).
         workers, use_multiprocessing, max_queue_size: passed to `keras.utils.PyDataset`.
+        epoch_from_keras: True: each `on_epoch_end` call moves to the next epoch. False:
+            `on_epoch_end` is ignored and only `set_epoch` changes the epoch.
 
     Attributes:
         cube_shape: (R, C, D). num_cubes: total cubes over all files. epoch: current epoch.
+        epoch_from_keras: as given.
     """
 
-    def __init__(self, cube_files: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                 batch_size: int, config: Any, *, seed: int = 0, status: str = "train",
-                 data_format: str = "channels_first", steps: Optional[int] = None,
-                 workers: int = 1, use_multiprocessing: bool = False,
-                 max_queue_size: int = 10) -> None:
-        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing,
-                         max_queue_size=max_queue_size)
+    def __init__(
+        self,
+        cube_files: str | os.PathLike | Sequence[str | os.PathLike],
+        batch_size: int,
+        config: Any,
+        *,
+        seed: int = 0,
+        status: str = "train",
+        data_format: str = MODEL_DATA_FORMAT,
+        steps: int | None = None,
+        workers: int = 1,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 10,
+        epoch_from_keras: bool = True,
+    ) -> None:
+        super().__init__(
+            workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
+        )
         if isinstance(cube_files, (str, os.PathLike)):
             cube_files = [cube_files]
         self.cube_files = [os.fspath(f) for f in cube_files]
         if not self.cube_files:
             raise ValueError("Expected at least one cube file. Received: cube_files=[]")
         if data_format not in DATA_FORMATS:
-            raise ValueError(f"Expected data_format in {DATA_FORMATS}. Received: "
-                             f"data_format={data_format!r}")
+            raise ValueError(
+                f"Expected data_format in {DATA_FORMATS}. Received: data_format={data_format!r}"
+            )
         if status not in STATUSES:
             raise ValueError(f"Expected status in {STATUSES}. Received: status={status!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"Expected seed to be a non-negative integer. Received: "
-                             f"seed={seed!r}")
+            raise ValueError(f"Expected seed to be a non-negative integer. Received: seed={seed!r}")
         self.rates = transforms.check_config(config)
         self.config = config
         self.seed = int(seed)
@@ -89,8 +116,10 @@ class GenesisPairDataset(keras.utils.PyDataset):
         for f in self.cube_files:
             a = transforms.load_cubes(f)
             if shape is not None and a.shape[2:] != shape:
-                raise ValueError(f"Expected every cube file to hold cubes of shape {shape}. "
-                                 f"Received: {f} with cubes of shape {a.shape[2:]}")
+                raise ValueError(
+                    f"Expected every cube file to hold cubes of shape {shape}. "
+                    f"Received: {f} with cubes of shape {a.shape[2:]}"
+                )
             shape = a.shape[2:]
             if a.shape[0] > 0:
                 # A cheap check of the value range: the first cube of each file.
@@ -99,13 +128,17 @@ class GenesisPairDataset(keras.utils.PyDataset):
         self.cube_shape: tuple[int, int, int] = tuple(int(s) for s in shape)
         self._offsets = np.cumsum([0] + [a.shape[0] for a in self._arrays])
         self.num_cubes: int = int(self._offsets[-1])
-        self.batch_size = transforms.check_batch_size(batch_size, self.num_cubes,
-                                                      " + ".join(self.cube_files))
-        if steps is not None and (isinstance(steps, bool)
-                                  or not isinstance(steps, (int, np.integer)) or steps < 1):
-            raise ValueError(f"Expected steps to be a positive integer or None. Received: "
-                             f"steps={steps!r}")
+        self.batch_size = transforms.check_batch_size(
+            batch_size, self.num_cubes, " + ".join(self.cube_files)
+        )
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1
+        ):
+            raise ValueError(
+                f"Expected steps to be a positive integer or None. Received: steps={steps!r}"
+            )
         self.steps = None if steps is None else int(steps)
+        self.epoch_from_keras = bool(epoch_from_keras)
         self._epoch = 0
 
     def __getstate__(self) -> dict:
@@ -128,13 +161,18 @@ class GenesisPairDataset(keras.utils.PyDataset):
     def set_epoch(self, epoch: int) -> None:
         """Jump to `epoch` (e.g. to resume training with the batches it would have seen)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"Expected epoch to be a non-negative integer. Received: "
-                             f"epoch={epoch!r}")
+            raise ValueError(
+                f"Expected epoch to be a non-negative integer. Received: epoch={epoch!r}"
+            )
         self._epoch = int(epoch)
 
     def on_epoch_end(self) -> None:
-        """Called by Keras after each epoch: the next batches come from the next epoch."""
-        self._epoch += 1
+        """Called by Keras after each epoch: the next batches come from the next epoch.
+
+        Ignored when the dataset was made with `epoch_from_keras=False`.
+        """
+        if self.epoch_from_keras:
+            self._epoch += 1
 
     # -- batches -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -149,12 +187,12 @@ class GenesisPairDataset(keras.utils.PyDataset):
         f, i = self._locate(k)
         return self._arrays[f][i]
 
-    def batch_indices(self, index: int, epoch: Optional[int] = None) -> np.ndarray:
+    def batch_indices(self, index: int, epoch: int | None = None) -> np.ndarray:
         """Global indices of the cubes of batch `index` of `epoch` (default: current)."""
         rng = self._batch_rng(index, epoch)
         return rng.choice(self.num_cubes, self.batch_size, replace=False)
 
-    def _batch_rng(self, index: int, epoch: Optional[int]) -> np.random.Generator:
+    def _batch_rng(self, index: int, epoch: int | None) -> np.random.Generator:
         e = self._epoch if epoch is None else int(epoch)
         return np.random.default_rng([self.seed, e, int(index)])
 
@@ -165,13 +203,15 @@ class GenesisPairDataset(keras.utils.PyDataset):
         chosen = rng.choice(self.num_cubes, self.batch_size, replace=False)
         source = _CubeView(self)
         try:
-            x, y = transforms.make_batch(source, chosen, self.config, rng, self.status,
-                                         what="cubes")
+            x, y = transforms.make_batch(
+                source, chosen, self.config, rng, self.status, what="cubes"
+            )
         except ValueError:
             for k in chosen:  # name the offending file and cube
                 f, i = self._locate(int(k))
-                transforms.check_values(np.asarray(self._arrays[f][i]),
-                                        f"{self.cube_files[f]} (cube {i})")
+                transforms.check_values(
+                    np.asarray(self._arrays[f][i]), f"{self.cube_files[f]} (cube {i})"
+                )
             raise
         # make_batch has copied the cubes: unmap every page of the files this batch read, so
         # the pages of cubes read over an epoch do not pile up in the resident size. The whole
@@ -234,9 +274,13 @@ def release_pages(view: np.ndarray) -> bool:
     """
     # Only ever on a read-only file mapping: on anonymous or copy-on-write memory MADV_DONTNEED
     # would throw the data away.
-    if (_MADVISE is None or getattr(view, "_mmap", None) is None
-            or getattr(view, "mode", None) != "r"
-            or view.nbytes == 0 or not view.flags.c_contiguous):
+    if (
+        _MADVISE is None
+        or getattr(view, "_mmap", None) is None
+        or getattr(view, "mode", None) != "r"
+        or view.nbytes == 0
+        or not view.flags.c_contiguous
+    ):
         return False
     page = mmap.PAGESIZE
     start = view.ctypes.data

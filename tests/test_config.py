@@ -1,4 +1,5 @@
 """The pre-training config and its command line (no training here)."""
+
 import dataclasses
 import json
 
@@ -12,18 +13,45 @@ pytestmark = pytest.mark.multibackend
 
 def test_defaults_are_the_originals():
     c = models_genesis_config()
-    # SPEC section 4, written out by hand.
+    # The original's values (docs/pretraining.md), written out by hand.
     expected = dict(
-        model="Vnet", suffix="genesis_chest_ct", exp_name="Vnet-genesis_chest_ct",
-        train_fold=[0, 1, 2, 3, 4], valid_fold=[5, 6], test_fold=[7, 8, 9], scale=32,
-        input_rows=64, input_cols=64, input_deps=32, batch_size=6, optimizer="sgd", lr=1.0,
-        nb_epoch=10000, patience=50, workers=10, max_queue_size=40, save_samples="png",
-        flip_rate=0.4, local_rate=0.5, nonlinear_rate=0.9, paint_rate=0.9, outpaint_rate=0.8,
-        inpaint_rate=0.2, model_path="pretrained_weights", logs_path="pretrained_weights/Logs",
-        sample_path="pair_samples", weights=None, data="generated_cubes",
+        model="Vnet",
+        suffix="genesis_chest_ct",
+        exp_name="Vnet-genesis_chest_ct",
+        train_fold=[0, 1, 2, 3, 4],
+        valid_fold=[5, 6],
+        test_fold=[7, 8, 9],
+        scale=32,
+        input_rows=64,
+        input_cols=64,
+        input_deps=32,
+        batch_size=6,
+        optimizer="sgd",
+        lr=1.0,
+        nb_epoch=10000,
+        patience=50,
+        workers=10,
+        max_queue_size=40,
+        save_samples="png",
+        flip_rate=0.4,
+        local_rate=0.5,
+        nonlinear_rate=0.9,
+        paint_rate=0.9,
+        outpaint_rate=0.8,
+        inpaint_rate=0.2,
+        model_path="pretrained_weights",
+        logs_path="pretrained_weights/Logs",
+        sample_path="pair_samples",
+        weights=None,
+        data="generated_cubes",
         # Additions, with defaults that keep the original's behaviour.
-        n_base_filters=32, steps_per_epoch=None, validation_steps=None, mixed_precision=False,
-        data_format="channels_last", resume=False)
+        n_base_filters=32,
+        steps_per_epoch=None,
+        validation_steps=None,
+        mixed_precision=False,
+        data_format="channels_last",
+        resume=False,
+    )
     for name, value in expected.items():
         assert getattr(c, name) == value, name
 
@@ -47,17 +75,20 @@ def test_list_defaults_are_not_shared():
     assert b.train_fold == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(batch_size=0), "batch_size"),
-    (dict(input_rows=-3), "input_rows"),
-    (dict(flip_rate=1.5), "flip_rate"),
-    (dict(lr=0.0), "lr"),
-    (dict(optimizer="adam"), "optimizer"),
-    (dict(data_format="NCDHW"), "data_format"),
-    (dict(train_fold=[]), "train_fold"),
-    (dict(steps_per_epoch=0), "steps_per_epoch"),
-    (dict(distribute="some"), "distribute"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(input_rows=-3), "input_rows"),
+        (dict(flip_rate=1.5), "flip_rate"),
+        (dict(lr=0.0), "lr"),
+        (dict(optimizer="adam"), "optimizer"),
+        (dict(data_format="NCDHW"), "data_format"),
+        (dict(train_fold=[]), "train_fold"),
+        (dict(steps_per_epoch=0), "steps_per_epoch"),
+        (dict(distribute="some"), "distribute"),
+    ],
+)
 def test_bad_values_are_refused(kwargs, word):
     with pytest.raises(ValueError, match=word):
         models_genesis_config(**kwargs)
@@ -84,21 +115,32 @@ def test_every_field_has_help():
     assert names == set(config_module.FIELD_HELP)
 
 
+def test_layouts_come_from_genesis_files():
+    import genesis_files
+
+    assert config_module.DATA_FORMATS is genesis_files.DATA_FORMATS
+    assert models_genesis_config().data_format == genesis_files.TRAINING_DATA_FORMAT
+
+
 def test_config_module_does_not_import_keras():
     import subprocess
     import sys
-    code = ("import sys; sys.path.insert(0, 'keras'); import config; "
-            "print('keras' in sys.modules)")
+
+    code = "import sys; sys.path.insert(0, 'keras'); import config; print('keras' in sys.modules)"
     from conftest import ROOT
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
 # ---------------------------------------------------------------------------- command line
 
+
 def parse(argv):
     import Genesis_Chest_CT
+
     return Genesis_Chest_CT.parse_config(argv)
 
 
@@ -107,11 +149,43 @@ def test_cli_defaults_equal_the_dataclass():
 
 
 def test_cli_sets_every_kind_of_field():
-    c = parse(["--data", "cubes", "--train_fold", "0", "2", "--valid_fold", "1",
-               "--nb_epoch", "2", "--batch_size", "2", "--input_rows", "32", "--input_cols", "32",
-               "--input_deps", "16", "--n_base_filters", "4", "--model_path", "DIR",
-               "--lr", "0.1", "--resume", "--mixed_precision", "--data_format", "channels_first",
-               "--save_samples", "none", "--steps_per_epoch", "7", "--model", "Unet"])
+    c = parse(
+        [
+            "--data",
+            "cubes",
+            "--train_fold",
+            "0",
+            "2",
+            "--valid_fold",
+            "1",
+            "--nb_epoch",
+            "2",
+            "--batch_size",
+            "2",
+            "--input_rows",
+            "32",
+            "--input_cols",
+            "32",
+            "--input_deps",
+            "16",
+            "--n_base_filters",
+            "4",
+            "--model_path",
+            "DIR",
+            "--lr",
+            "0.1",
+            "--resume",
+            "--mixed_precision",
+            "--data_format",
+            "channels_first",
+            "--save_samples",
+            "none",
+            "--steps_per_epoch",
+            "7",
+            "--model",
+            "Unet",
+        ]
+    )
     assert c.data == "cubes" and c.train_fold == [0, 2] and c.valid_fold == [1]
     assert (c.nb_epoch, c.batch_size) == (2, 2)
     assert (c.input_rows, c.input_cols, c.input_deps) == (32, 32, 16)
@@ -125,23 +199,54 @@ def test_cli_sets_every_kind_of_field():
 
 def test_cli_every_field_is_a_flag():
     import Genesis_Chest_CT
+
     dests = {a.dest for a in Genesis_Chest_CT.build_parser()._actions}
     for f in dataclasses.fields(models_genesis_config):
         assert f.name in dests, f.name
 
 
-@pytest.mark.parametrize("argv", [
-    ["--batch_size", "two"],
-    ["--batch_size", "0"],
-    ["--data_format", "x"],
-    ["--train_fold"],
-    ["--no_such_flag", "1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch_size", "two"],
+        ["--batch_size", "0"],
+        ["--data_format", "x"],
+        ["--train_fold"],
+        ["--no_such_flag", "1"],
+    ],
+)
 def test_cli_bad_values_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         parse(argv)
     assert info.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_help_imports_neither_keras_nor_numpy():
+    """--help answers at once: the trainer (Keras, NumPy) is imported only after parsing."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = [sys.argv[1], '--help']\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print('keras' in sys.modules, 'numpy' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "keras" / "Genesis_Chest_CT.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "usage: Genesis_Chest_CT.py" in out
+    assert out.strip().splitlines()[-1] == "False False"
 
 
 def test_help_shows_a_real_example(capsys):

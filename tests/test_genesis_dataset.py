@@ -1,4 +1,5 @@
 """Tests of keras/genesis_dataset.py: the PyDataset of training pairs."""
+
 import os
 import pickle
 from types import SimpleNamespace
@@ -49,7 +50,7 @@ def test_shapes_len_and_attributes(files):
 def test_files_are_memory_mapped_not_loaded(files):
     paths, _ = files
     ds = GenesisPairDataset(paths, 3, CONF, seed=1)
-    for path, a in zip(paths, ds._arrays):
+    for path, a in zip(paths, ds._arrays, strict=True):
         assert isinstance(a, np.memmap), type(a)  # views of np.load(mmap_mode="r")
         assert not a.flags.writeable  # read-only: the cube files are never modified
         assert os.path.samefile(a.filename, path)
@@ -68,8 +69,10 @@ def _rss_file_kb():
         return int([line.split()[1] for line in f if line.startswith("RssFile:")][0])
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"),
-                    reason="needs Linux /proc to read the process' mapped-file memory")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status"),
+    reason="needs Linux /proc to read the process' mapped-file memory",
+)
 def test_reading_cubes_does_not_keep_them_resident(tmp_path):
     # 64 cubes of 32x32x32 float32 (8 MiB). Reading them all through a plain memory map leaves
     # every page mapped in this process (RssFile grows by the file's size); the dataset reads
@@ -117,8 +120,11 @@ def test_targets_are_distinct_cubes_of_both_files(files):
         _, y = ds[i]
         ids = []
         for n in range(4):
-            hits = [k for k in range(12)
-                    if any(np.allclose(y[n, 0], f, atol=0) for f in flips_of(cubes[k]))]
+            hits = [
+                k
+                for k in range(12)
+                if any(np.allclose(y[n, 0], f, atol=0) for f in flips_of(cubes[k]))
+            ]
             assert len(hits) == 1
             ids.append(hits[0])
         assert len(set(ids)) == 4
@@ -153,25 +159,45 @@ def test_batches_depend_only_on_seed_epoch_index(files):
     # (the files mix float32 and float64, so the transforms run in float64)
     rng = np.random.default_rng([5, 1, 0])
     all_cubes = np.concatenate([np.load(paths[0])[:, None], np.load(paths[1])])
-    ref = T.make_batch(all_cubes.astype(np.float64), rng.choice(12, 3, replace=False), CONF,
-                       rng)
+    ref = T.make_batch(all_cubes.astype(np.float64), rng.choice(12, 3, replace=False), CONF, rng)
     np.testing.assert_array_equal(ref[0].astype(np.float32), e1[0])
     np.testing.assert_array_equal(ref[1].astype(np.float32), e1[1])
 
 
 def test_identity_with_zero_rates(files):
     paths, cubes = files
-    conf = SimpleNamespace(flip_rate=0.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0,
-                           save_samples=None)
+    conf = SimpleNamespace(
+        flip_rate=0.0, local_rate=0.0, nonlinear_rate=0.0, paint_rate=0.0, save_samples=None
+    )
     ds = GenesisPairDataset(paths, 2, conf, seed=0)
     x, y = ds[1]
     np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(y[:, 0], cubes[ds.batch_indices(1)].astype(np.float32))
 
 
+def test_epoch_set_only_through_set_epoch_when_not_from_keras(files):
+    """epoch_from_keras=False: on_epoch_end is ignored, also after pickling (spawned workers)."""
+    paths, _ = files
+    ds = GenesisPairDataset(paths, 3, CONF, seed=5, epoch_from_keras=False)
+    counting = GenesisPairDataset(paths, 3, CONF, seed=5)
+    assert counting.epoch_from_keras is True and ds.epoch_from_keras is False
+    ds.on_epoch_end()
+    assert ds.epoch == 0
+    ds.set_epoch(2)
+    ds.on_epoch_end()
+    assert ds.epoch == 2
+    counting.set_epoch(2)
+    np.testing.assert_array_equal(ds[1][0], counting[1][0])  # same batches as the default
+    clone = pickle.loads(pickle.dumps(ds))
+    assert type(clone) is GenesisPairDataset and clone.epoch_from_keras is False
+    clone.on_epoch_end()
+    assert clone.epoch == 2
+
+
 def keras_epochs(ds, epochs):
     """Iterate like model.fit does (PyDatasetAdapter: enqueuer, on_epoch_begin/end)."""
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
     adapter = PyDatasetAdapter(ds, shuffle=False)
     out = []
     for _ in range(epochs):
@@ -183,10 +209,13 @@ def keras_epochs(ds, epochs):
 
 # The process-pool variant runs on TensorFlow only: forking a process that has started JAX's
 # threads can deadlock (JAX warns so), and the enqueuer under test is the same on every backend.
-@pytest.mark.parametrize("workers,mp", [
-    pytest.param(2, False, marks=pytest.mark.multibackend),
-    (2, True),
-])
+@pytest.mark.parametrize(
+    "workers,mp",
+    [
+        pytest.param(2, False, marks=pytest.mark.multibackend),
+        (2, True),
+    ],
+)
 def test_keras_workers_see_epochs_and_match_direct_indexing(files, workers, mp):
     paths, _ = files
     direct = GenesisPairDataset(paths, 3, CONF, seed=9, steps=3)
@@ -195,11 +224,12 @@ def test_keras_workers_see_epochs_and_match_direct_indexing(files, workers, mp):
         direct.set_epoch(e)
         expect.append([direct[i] for i in range(3)])
     for w, m in ((1, False), (workers, mp)):
-        got = keras_epochs(GenesisPairDataset(paths, 3, CONF, seed=9, steps=3, workers=w,
-                                              use_multiprocessing=m), 2)
+        got = keras_epochs(
+            GenesisPairDataset(paths, 3, CONF, seed=9, steps=3, workers=w, use_multiprocessing=m), 2
+        )
         for e in range(2):
             assert len(got[e]) == 3
-            for (gx, gy), (ex, ey) in zip(got[e], expect[e]):
+            for (gx, gy), (ex, ey) in zip(got[e], expect[e], strict=True):
                 np.testing.assert_array_equal(np.asarray(gx), ex)
                 np.testing.assert_array_equal(np.asarray(gy), ey)
     assert not np.array_equal(expect[0][0][0], expect[1][0][0])
@@ -208,6 +238,7 @@ def test_keras_workers_see_epochs_and_match_direct_indexing(files, workers, mp):
 @pytest.mark.multibackend
 def test_model_fit_on_dataset(files):
     import keras
+
     paths, _ = files
     ds = GenesisPairDataset(paths, 2, CONF, seed=0, steps=2)
     inp = keras.Input((1, 20, 20, 20))
@@ -226,14 +257,17 @@ def test_model_fit_on_dataset(files):
     assert resumed.epoch == ds.epoch
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: np.zeros((3, 20, 20), np.float32), r"\(N, R, C, D\)"),
-    (lambda: np.zeros((3, 2, 20, 20, 20), np.float32), r"\(N, R, C, D\)"),
-    (lambda: np.zeros((3, 20, 20, 20), np.int16), "float32 or float64"),
-    (lambda: np.full((3, 20, 20, 20), 1.01, np.float32), r"bad\.npy \(cube 0\).*max=1\.01"),
-    (lambda: np.full((3, 20, 20, 20), np.nan, np.float32), "NaN"),
-    (lambda: np.zeros((1, 20, 20, 20), np.float32), "at least batch_size=2"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: np.zeros((3, 20, 20), np.float32), r"\(N, R, C, D\)"),
+        (lambda: np.zeros((3, 2, 20, 20, 20), np.float32), r"\(N, R, C, D\)"),
+        (lambda: np.zeros((3, 20, 20, 20), np.int16), "float32 or float64"),
+        (lambda: np.full((3, 20, 20, 20), 1.01, np.float32), r"bad\.npy \(cube 0\).*max=1\.01"),
+        (lambda: np.full((3, 20, 20, 20), np.nan, np.float32), "NaN"),
+        (lambda: np.zeros((1, 20, 20, 20), np.float32), "at least batch_size=2"),
+    ],
+)
 def test_bad_files(tmp_path, make, match):
     np.save(tmp_path / "bad.npy", make())
     with pytest.raises(ValueError, match=match):
@@ -253,8 +287,10 @@ def test_bad_arguments(files, tmp_path):
     paths, _ = files
     np.save(tmp_path / "other.npy", ct_like(3, shape=(20, 20, 24)))
     cases = [
-        (dict(cube_files=[paths[0], str(tmp_path / "other.npy")]),
-         r"other\.npy with cubes of shape \(20, 20, 24\)"),
+        (
+            dict(cube_files=[paths[0], str(tmp_path / "other.npy")]),
+            r"other\.npy with cubes of shape \(20, 20, 24\)",
+        ),
         (dict(config=SimpleNamespace(local_rate=2.0)), "config.local_rate"),
         (dict(config=SimpleNamespace(paint_rate=float("nan"))), "config.paint_rate"),
         (dict(data_format="NCDHW"), "data_format"),
@@ -269,8 +305,9 @@ def test_bad_arguments(files, tmp_path):
         args = dict(cube_files=paths, batch_size=2, config=CONF)
         args.update(kw)
         with pytest.raises(ValueError, match=match):
-            GenesisPairDataset(args.pop("cube_files"), args.pop("batch_size"),
-                               args.pop("config"), **args)
+            GenesisPairDataset(
+                args.pop("cube_files"), args.pop("batch_size"), args.pop("config"), **args
+            )
     ds = GenesisPairDataset(paths, 2, CONF)
     with pytest.raises(ValueError, match="epoch"):
         ds.set_epoch(-1)
@@ -278,20 +315,18 @@ def test_bad_arguments(files, tmp_path):
 
 @pytest.mark.multibackend
 def test_epoch_set_from_callback_reaches_keras_workers(files):
-    """The trainer's pattern: no counting in on_epoch_end, set_epoch from on_epoch_begin."""
+    """The trainer's pattern: epoch_from_keras=False, set_epoch from on_epoch_begin."""
     import keras
+
     paths, _ = files
     calls = []
 
     class Recording(GenesisPairDataset):
-        def on_epoch_end(self):
-            pass
-
         def __getitem__(self, index):
             calls.append((self.epoch, index))
             return super().__getitem__(index)
 
-    ds = Recording(paths, 2, CONF, seed=0, steps=3, workers=2)
+    ds = Recording(paths, 2, CONF, seed=0, steps=3, workers=2, epoch_from_keras=False)
 
     class SetEpoch(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -306,6 +341,6 @@ def test_epoch_set_from_callback_reaches_keras_workers(files):
     assert len(begins) == 3
     for e, start in enumerate(begins):
         end = begins[e + 1] if e + 1 < 3 else len(calls)
-        epoch_calls = calls[start + 1:end]
+        epoch_calls = calls[start + 1 : end]
         assert sorted(i for _, i in epoch_calls) == [0, 1, 2]
         assert all(ep == e for ep, _ in epoch_calls)

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import preview_transforms as P
 import pytest
+
+import preview_transforms as P
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,680 @@
+"""Models Genesis pre-training: restore cubes corrupted by the Genesis transforms.
+
+Trains the 3D U-Net of `unet3d.py` to map corrupted cubes back to their originals (Zhou et al.,
+"Models Genesis", MedIA 2021; docs/pretraining.md), reading (corrupted, original) batches from
+memory-mapped cube files through `GenesisPairDataset`. `Genesis_Chest_CT.py` parses the command
+line and calls `run_with_oom_retry`; the steps are:
+
+* `prepare`: every input check that needs no model (files, shapes, step counts, output folder);
+* `setup`: model, weights or checkpoint, datasets, callbacks, the run's records;
+* `train`: `setup`, then `model.fit`;
+* `run_with_oom_retry`: `train`, with a smaller batch after an accelerator out-of-memory error.
+
+Everything that fails before `fit` starts is raised as `PretrainingInputError` (bad input: the
+command line prints one line), errors during training as they are.
+
+Imports: stdlib, numpy, keras, unet3d, genesis_dataset, genesis_callbacks, genesis_checkpoint,
+genesis_files, config (this module is imported only after the command line is parsed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import io
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+import unet3d
+from config import models_genesis_config
+from genesis_callbacks import (
+    AtomicBestCheckpoint,
+    CollapseWarning,
+    EpochSetter,
+    LastEpochCheckpoint,
+    ResumableEarlyStopping,
+    ResumableReduceLROnPlateau,
+)
+from genesis_checkpoint import (
+    RunPaths,
+    RunState,
+    check_writable,
+    load_last_checkpoint,
+    next_run_dir,
+    read_checkpoint_state,
+    truncate_csv,
+    write_text_atomic,
+)
+from genesis_dataset import GenesisPairDataset
+from genesis_files import cube_file_names
+
+__all__ = [
+    "PretrainingInputError",
+    "TrainingPlan",
+    "TrainingSession",
+    "build_model",
+    "check_cube_file",
+    "find_cube_files",
+    "is_oom_error",
+    "load_weights_checked",
+    "make_datasets",
+    "prepare",
+    "run_with_oom_retry",
+    "select_distribution",
+    "setup",
+    "tensorboard_available",
+    "train",
+]
+
+EXTRACTION_HINT = (
+    "Extract them first, e.g.: python infinite_generator_3D.py --fold {fold} "
+    "--scale {scale} --input_rows {r} --input_cols {c} --input_deps {d} "
+    "--data LUNA16_ROOT --save {data}"
+)
+# unet_model_3d's default depth 4 pools three times by 2.
+POOLING_FACTOR = 2**3
+
+
+class PretrainingInputError(Exception):
+    """Pre-training failed before `fit` started: bad input (files, flags, weights, folders).
+
+    The message is the original error's, which is its `__cause__`.
+    """
+
+
+@dataclasses.dataclass
+class TrainingPlan:
+    """What `prepare` found: the cube files, their counts and the step counts.
+
+    Attributes:
+        paths: where the run writes.
+        train_files, valid_files: one cube file per training / validation fold.
+        n_train, n_valid: cubes over those files.
+        steps, val_steps: training / validation batches per epoch.
+    """
+
+    paths: RunPaths
+    train_files: list[str]
+    valid_files: list[str]
+    n_train: int
+    n_valid: int
+    steps: int
+    val_steps: int
+
+
+@dataclasses.dataclass
+class TrainingSession:
+    """What `setup` made for `fit`.
+
+    Attributes:
+        model: the compiled U-Net (weights or checkpoint loaded).
+        train_ds, valid_ds: the datasets, whose epoch the `EpochSetter` callback sets.
+        callbacks: for `fit`, in order.
+        initial_epoch: 0, or the epoch a resumed run continues at.
+        plan: `prepare`'s result.
+    """
+
+    model: keras.Model
+    train_ds: GenesisPairDataset
+    valid_ds: GenesisPairDataset
+    callbacks: list[keras.callbacks.Callback]
+    initial_epoch: int
+    plan: TrainingPlan
+
+
+# ------------------------------------------------------------------------------------------
+# Input checks (all run before any training)
+# ------------------------------------------------------------------------------------------
+
+
+def find_cube_files(config: models_genesis_config, folds: Sequence[int], role: str) -> list[str]:
+    """Locate and check the cube file of each fold.
+
+    Args:
+        config: the run's configuration (data folder, scale, cube size).
+        folds: the fold numbers.
+        role: "training" or "validation", for messages.
+
+    Returns:
+        One absolute path per fold.
+
+    Raises:
+        FileNotFoundError: a fold has no cube file (the message lists the names tried).
+        ValueError: a file holds cubes of another shape or type than the config expects.
+    """
+    data = os.path.abspath(config.data)
+    paths = []
+    for fold in folds:
+        names = cube_file_names(
+            config.scale, config.input_rows, config.input_cols, config.input_deps, fold
+        )
+        found = [os.path.join(data, n) for n in names if os.path.isfile(os.path.join(data, n))]
+        if not found:
+            hint = EXTRACTION_HINT.format(
+                fold=fold,
+                scale=config.scale,
+                r=config.input_rows,
+                c=config.input_cols,
+                d=config.input_deps,
+                data=config.data,
+            )
+            raise FileNotFoundError(
+                f"No cube file for {role} fold {fold} in {data}. Expected one of: "
+                f"{', '.join(names)}. {hint}"
+            )
+        check_cube_file(found[0], config)
+        paths.append(found[0])
+    return paths
+
+
+def check_cube_file(path: str, config: models_genesis_config) -> int:
+    """Check one cube file's header (memory-mapped: no cube is read).
+
+    Args:
+        path: a .npy file of cubes (N, R, C, D) or (N, 1, R, C, D).
+        config: gives the expected R, C, D.
+
+    Returns:
+        The number of cubes N.
+
+    Raises:
+        ValueError: the file cannot be read, or holds no float cubes of the expected size.
+    """
+    try:
+        cubes = np.load(path, mmap_mode="r")
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise ValueError(f"Cannot read cube file {path}: {exc}") from exc
+    expected = (config.input_rows, config.input_cols, config.input_deps)
+    shape = tuple(cubes.shape)
+    if len(shape) == 4:
+        spatial = shape[1:]
+    elif len(shape) == 5 and shape[1] == 1:
+        spatial = shape[2:]
+    else:
+        spatial = None
+    if spatial != expected:
+        raise ValueError(
+            f"Expected cubes of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) in {path} "
+            f"(from --input_rows/--input_cols/--input_deps). Received: shape={shape}"
+        )
+    if cubes.dtype not in (np.float32, np.float64):
+        raise ValueError(
+            f"Expected float32 or float64 cubes in {path}. Received: dtype={cubes.dtype}"
+        )
+    if shape[0] < 1:
+        raise ValueError(f"Expected at least one cube in {path}. Received: shape={shape}")
+    return int(shape[0])
+
+
+def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingPlan:
+    """All input checks that need no model: files, shapes, step counts, output folder.
+
+    Args:
+        config: the run's configuration.
+        overwrite: allow replacing an existing run without `config.resume` (used only when
+            retrying after an out-of-memory error within the same invocation).
+
+    Returns:
+        The `TrainingPlan`.
+
+    Raises:
+        PermissionError: model_path cannot be written to.
+        FileExistsError: a run already exists there and neither resume nor overwrite is set.
+        FileNotFoundError, ValueError: missing or unfitting cube files, sizes or counts.
+    """
+    paths = RunPaths.of(config)
+    check_writable(os.path.dirname(paths.best))
+    existing = [p for p in (paths.last, paths.best) if os.path.exists(p)]
+    if existing and not config.resume and not overwrite:
+        raise FileExistsError(
+            f"A run already exists ({', '.join(existing)}). Pass --resume to continue it, or "
+            "choose another --model_path or --exp_name."
+        )
+    train_files = find_cube_files(config, config.train_fold, "training")
+    valid_files = find_cube_files(config, config.valid_fold, "validation")
+    n_train = sum(check_cube_file(p, config) for p in train_files)
+    n_valid = sum(check_cube_file(p, config) for p in valid_files)
+    for role, n in (("training", n_train), ("validation", n_valid)):
+        if n < config.batch_size:
+            raise ValueError(
+                f"Expected at least batch_size={config.batch_size} {role} cubes. "
+                f"Received: {n} cubes in the {role} folds."
+            )
+    steps = config.steps_per_epoch or n_train // config.batch_size
+    val_steps = config.validation_steps or n_valid // config.batch_size
+    for name in ("input_rows", "input_cols", "input_deps"):
+        size = getattr(config, name)
+        lower, upper = unet3d.valid_spatial_sizes(size, POOLING_FACTOR)
+        if (lower, upper) != (size, size):
+            nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise ValueError(
+                f"Expected {name} divisible by {POOLING_FACTOR} (three 2x poolings). "
+                f"Received: {name}={size}; the nearest that work are {nearest}."
+            )
+    return TrainingPlan(
+        paths=paths,
+        train_files=train_files,
+        valid_files=valid_files,
+        n_train=n_train,
+        n_valid=n_valid,
+        steps=steps,
+        val_steps=val_steps,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Model, weights, datasets, devices
+# ------------------------------------------------------------------------------------------
+
+
+def build_model(config: models_genesis_config) -> unet3d.UNet3D:
+    """The pre-training U-Net, compiled as the original: SGD (momentum 0.9), MSE; MAE, MSE.
+
+    Args:
+        config: gives the input shape, data format, width and learning rate.
+
+    Returns:
+        The compiled `unet3d.UNet3D`.
+    """
+    model = unet3d.unet_model_3d(
+        config.input_shape,
+        batch_normalization=True,
+        n_base_filters=config.n_base_filters,
+        data_format=config.data_format,
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=config.lr, momentum=0.9),
+        loss="mse",
+        metrics=["mae", "mse"],
+    )
+    return model
+
+
+def load_weights_checked(model: keras.Model, path: str) -> None:
+    """`model.load_weights(path)`, raising a clear error when the file is missing or unfitting.
+
+    Args:
+        model: the model to load into.
+        path: the `--weights` file.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file does not fit the model.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Expected a weight file at --weights {path!r}; none found.")
+    try:
+        model.load_weights(path)
+    except Exception as exc:
+        raise ValueError(
+            f"The weight file {path} does not fit this model (input "
+            f"{model.input_shape[1:]}, {model.count_params()} parameters): {exc}. Expected "
+            "weights of unet_model_3d with the same --n_base_filters (the published "
+            "Genesis_Chest_CT.h5 needs the default 32)."
+        ) from exc
+
+
+def make_datasets(
+    config: models_genesis_config, plan: TrainingPlan
+) -> tuple[GenesisPairDataset, GenesisPairDataset]:
+    """Training and validation datasets whose epoch the trainer sets itself.
+
+    Args:
+        config: the run's configuration.
+        plan: `prepare`'s result.
+
+    Returns:
+        (training dataset, validation dataset), both with `epoch_from_keras=False`.
+    """
+    common = dict(
+        data_format=config.data_format,
+        workers=config.workers,
+        use_multiprocessing=config.use_multiprocessing,
+        max_queue_size=config.max_queue_size,
+        epoch_from_keras=False,
+    )
+    train_ds = GenesisPairDataset(
+        plan.train_files,
+        config.batch_size,
+        config,
+        seed=config.seed,
+        status="train",
+        steps=plan.steps,
+        **common,
+    )
+    # Another seed keeps validation pairs independent of the training pairs. Validation pairs
+    # change every epoch, as the original's endless validation generator did.
+    valid_ds = GenesisPairDataset(
+        plan.valid_files,
+        config.batch_size,
+        config,
+        seed=config.seed + 1,
+        status="test",
+        steps=plan.val_steps,
+        **common,
+    )
+    return train_ds, valid_ds
+
+
+def select_distribution(config: models_genesis_config) -> tuple[Any, int]:
+    """Choose data-parallel training over several accelerators.
+
+    With `distribute="auto"` (default), more than one visible GPU/TPU selects
+    `keras.distribution.DataParallel` on JAX or `tf.distribute.MirroredStrategy` on TensorFlow
+    (PyTorch: one device, with a notice). `"all"` uses every visible device even when they are
+    CPUs (for tests with virtual devices); `"off"` uses one device.
+
+    Args:
+        config: gives `distribute`.
+
+    Returns:
+        (a context manager to build and compile the model in, the number of devices).
+    """
+    backend = keras.backend.backend()
+    if config.distribute == "off":
+        return contextlib.nullcontext(), 1
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        if config.distribute == "auto":
+            devices = [d for d in devices if not d.lower().startswith("cpu")]
+        if len(devices) > 1:
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+            print(
+                f"Data-parallel training over {len(devices)} devices "
+                f"(keras.distribution.DataParallel): {', '.join(devices)}"
+            )
+            return contextlib.nullcontext(), len(devices)
+    elif backend == "tensorflow":
+        # TensorFlow-only glue: Keras 3 has no data-parallel API of its own on this backend.
+        import tensorflow as tf
+
+        devices = tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+        if config.distribute == "all" and len(devices) < 2:
+            devices = tf.config.list_logical_devices("CPU")
+        if len(devices) > 1:
+            names = [d.name for d in devices]
+            strategy = tf.distribute.MirroredStrategy(names)
+            print(
+                f"Data-parallel training over {len(names)} devices "
+                f"(tf.distribute.MirroredStrategy): {', '.join(names)}"
+            )
+            return strategy.scope(), len(names)
+    else:
+        count = _torch_gpu_count()
+        if count > 1:
+            print(
+                f"Notice: {count} GPUs visible, but multi-GPU training is supported on the JAX "
+                "and TensorFlow backends only; training on one."
+            )
+    return contextlib.nullcontext(), 1
+
+
+def _torch_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch absent or without CUDA
+        return 0
+
+
+def tensorboard_available() -> bool:
+    """Whether the TensorBoard callback can run: it writes through tf.summary on any backend.
+
+    Returns:
+        True when both tensorflow and tensorboard are installed.
+    """
+    return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tensorboard"))
+
+
+# ------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------
+
+
+def _resume_state(config: models_genesis_config, paths: RunPaths) -> RunState | None:
+    """The checkpoint state to continue from; None for a fresh start."""
+    if not config.resume:
+        return None
+    if not os.path.exists(paths.last):
+        print(f"Notice: --resume given but no checkpoint {paths.last}; starting from epoch 1.")
+        return None
+    return RunState.from_dict(read_checkpoint_state(paths.last))
+
+
+def _write_records(config: models_genesis_config, model: keras.Model, paths: RunPaths) -> None:
+    """Record what runs: the resolved config beside the weights, and the model summary."""
+    config.display()
+    write_text_atomic(paths.config_json, config.to_json() + "\n")
+    summary = io.StringIO()
+    model.summary(print_fn=lambda text, *a, **k: summary.write(text + "\n"))
+    write_text_atomic(paths.summary, summary.getvalue())
+
+
+def _make_callbacks(
+    config: models_genesis_config,
+    paths: RunPaths,
+    state: RunState | None,
+    datasets: Sequence[GenesisPairDataset],
+    probe: np.ndarray,
+) -> list[keras.callbacks.Callback]:
+    """The run's callbacks, in the order they must run (the checkpoint last)."""
+    best_cb = AtomicBestCheckpoint(
+        paths.best, best=None if state is None else state.best, verbose=config.verbose
+    )
+    early_cb = ResumableEarlyStopping(
+        monitor="val_loss",
+        patience=config.patience,
+        verbose=config.verbose,
+        restore=None if state is None else state.early_stopping,
+    )
+    lr_cb = ResumableReduceLROnPlateau(
+        monitor="val_loss",
+        factor=0.5,
+        patience=10,
+        min_delta=1e-4,
+        min_lr=1e-6,
+        verbose=config.verbose,
+        restore=None if state is None else state.reduce_lr,
+    )
+    if state is not None:
+        truncate_csv(paths.csv, state.epoch + 1)
+    callbacks = [EpochSetter(datasets), CollapseWarning(probe), best_cb, early_cb, lr_cb]
+    if tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=next_run_dir(paths.logs)))
+    else:
+        print(
+            "Notice: tensorflow or tensorboard is not installed, so no TensorBoard logs "
+            "are written."
+        )
+    callbacks.append(keras.callbacks.CSVLogger(paths.csv, append=state is not None))
+    callbacks.append(
+        LastEpochCheckpoint(
+            paths.last, best_cb, early_cb, lr_cb, config.batch_size, config.exp_name
+        )
+    )
+    return callbacks
+
+
+def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSession | None:
+    """Everything before `fit`: checks, model, weights or checkpoint, datasets, callbacks.
+
+    Args:
+        config: the run's configuration.
+        overwrite: see `prepare`.
+
+    Returns:
+        The `TrainingSession`; None when a resumed run had already finished.
+    """
+    plan = prepare(config, overwrite=overwrite)
+    paths = plan.paths
+    state = _resume_state(config, paths)
+    if state is not None and (state.finished or state.epoch + 1 >= config.nb_epoch):
+        print(
+            f"Training already finished at epoch {state.epoch + 1} "
+            f"({paths.last}); nothing to resume."
+        )
+        return None
+
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if config.mixed_precision else "float32"
+    )
+    scope, n_devices = select_distribution(config)
+    if keras.backend.backend() == "jax" and config.batch_size % n_devices:
+        raise ValueError(
+            f"Expected batch_size divisible by the {n_devices} devices of "
+            f"data-parallel training. Received: batch_size={config.batch_size}"
+        )
+    with scope:
+        model = build_model(config)
+        if config.weights and state is None:
+            load_weights_checked(model, config.weights)
+        elif config.weights:
+            print(f"Notice: resuming from {paths.last}; --weights {config.weights} is not loaded.")
+        model.optimizer.build(model.trainable_variables)
+        if state is not None:
+            load_last_checkpoint(paths.last, model)
+
+    train_ds, valid_ds = make_datasets(config, plan)
+    # The collapse check always predicts on validation batch 0 of epoch 0.
+    probe = valid_ds[0][0]
+    initial_epoch = 0 if state is None else state.epoch + 1
+    if state is not None:
+        # Batch i of epoch e depends only on (seed, e, i): resuming makes the same pairs as an
+        # uninterrupted run (the EpochSetter callback sets each epoch as it begins).
+        print(
+            f"Resuming from {paths.last}: epoch {initial_epoch + 1} of {config.nb_epoch}, "
+            f"best val_loss {state.best}, learning rate {state.learning_rate:g}"
+        )
+    _write_records(config, model, paths)
+    print(
+        f"Training cubes: {plan.n_train} ({plan.steps} steps of {config.batch_size}); "
+        f"validation cubes: {plan.n_valid} ({plan.val_steps} steps)."
+    )
+    callbacks = _make_callbacks(config, paths, state, [train_ds, valid_ds], probe)
+    return TrainingSession(
+        model=model,
+        train_ds=train_ds,
+        valid_ds=valid_ds,
+        callbacks=callbacks,
+        initial_epoch=initial_epoch,
+        plan=plan,
+    )
+
+
+def train(config: models_genesis_config, overwrite: bool = False) -> keras.callbacks.History | None:
+    """Run (or resume) pre-training.
+
+    Args:
+        config: the run's configuration; `config.resume` continues from the last checkpoint.
+        overwrite: see `prepare`.
+
+    Returns:
+        The Keras History of the run (None when a resumed run had already finished).
+
+    Raises:
+        PretrainingInputError: anything failed before `fit` started (chained from the error).
+    """
+    try:
+        session = setup(config, overwrite=overwrite)
+    except Exception as exc:
+        raise PretrainingInputError(str(exc)) from exc
+    if session is None:
+        return None
+    return session.model.fit(
+        session.train_ds,
+        epochs=config.nb_epoch,
+        initial_epoch=session.initial_epoch,
+        validation_data=session.valid_ds,
+        callbacks=session.callbacks,
+        verbose=config.verbose,
+        # Every batch already draws random cubes; Keras' shuffling of the batch order would
+        # only make a resumed run differ from an uninterrupted one.
+        shuffle=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Out-of-memory retry
+# ------------------------------------------------------------------------------------------
+
+_OOM_TYPES = ("ResourceExhaustedError", "OutOfMemoryError")
+_OOM_MESSAGES = ("RESOURCE_EXHAUSTED", "CUDA out of memory", "Out of memory while trying")
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True for the backends' accelerator out-of-memory errors (also when wrapped).
+
+    TensorFlow raises ResourceExhaustedError, JAX an XlaRuntimeError / JaxRuntimeError whose
+    message starts with RESOURCE_EXHAUSTED, PyTorch torch.OutOfMemoryError.
+
+    Args:
+        exc: an exception; its causes and contexts are looked at too.
+
+    Returns:
+        Whether it is (or wraps) an out-of-memory error.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _OOM_TYPES:
+            return True
+        if not isinstance(exc, MemoryError) and any(m in str(exc) for m in _OOM_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def run_with_oom_retry(
+    config: models_genesis_config, train_fn: Callable[..., Any] | None = None
+) -> Any:
+    """Train; on an accelerator out-of-memory error lower the batch size by 2 and start again
+    while it stays above 1, as the original did.
+
+    Args:
+        config: the run's configuration (its batch_size is lowered in place on retries).
+        train_fn: the training function (tests pass a fake); defaults to `train`.
+
+    Returns:
+        What `train_fn` returns.
+
+    Raises:
+        RuntimeError: out of memory with no smaller batch left to try.
+    """
+    train_fn = train_fn or train
+    overwrite = False
+    while True:
+        try:
+            return train_fn(config, overwrite=overwrite)
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            # An out-of-memory error in setup arrives wrapped: report the error itself.
+            error = exc
+            if isinstance(exc, PretrainingInputError) and exc.__cause__ is not None:
+                error = exc.__cause__
+            smaller = config.batch_size - 2
+            if smaller <= 1:
+                raise RuntimeError(
+                    f"Out of accelerator memory at batch_size={config.batch_size}; no smaller "
+                    "batch to try. Use a smaller --n_base_filters or input size."
+                ) from error
+            print(
+                f"\n> Out of accelerator memory at batch_size={config.batch_size} "
+                f"({type(error).__name__}); retrying with batch_size={smaller}."
+            )
+            config.batch_size = smaller
+            # What this invocation already wrote is continued, not refused.
+            if os.path.exists(RunPaths.of(config).last):
+                config.resume = True
+            else:
+                overwrite = True
+            keras.backend.clear_session()
+            gc.collect()

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from genesis_files import DATA_FORMATS, TRAINING_DATA_FORMAT
+from genesis_files import DATA_FORMATS, SAMPLE_DEFAULTS, TRAINING_DATA_FORMAT, TRANSFORM_RATES
 
 DISTRIBUTE_MODES = ("auto", "off", "all")
 
@@ -56,19 +56,19 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
     patience: int = 50
     workers: int = 10
     max_queue_size: int = 40
-    save_samples: str | None = "png"
+    save_samples: str | None = SAMPLE_DEFAULTS["save_samples"]
     verbose: int = 1
     # Image deformation (docs/transforms.md).
-    flip_rate: float = 0.4
-    local_rate: float = 0.5
-    nonlinear_rate: float = 0.9
-    paint_rate: float = 0.9
-    outpaint_rate: float = 0.8
-    inpaint_rate: float = 0.2
+    flip_rate: float = TRANSFORM_RATES["flip_rate"]
+    local_rate: float = TRANSFORM_RATES["local_rate"]
+    nonlinear_rate: float = TRANSFORM_RATES["nonlinear_rate"]
+    paint_rate: float = TRANSFORM_RATES["paint_rate"]
+    outpaint_rate: float = TRANSFORM_RATES["outpaint_rate"]
+    inpaint_rate: float = TRANSFORM_RATES["inpaint_rate"]
     # Outputs. Relative paths are taken against the current working directory.
     model_path: str = "pretrained_weights"
     logs_path: str | None = None
-    sample_path: str = "pair_samples"
+    sample_path: str = SAMPLE_DEFAULTS["sample_path"]
     # Additions (the original hard-coded these or lacked them); defaults keep its behaviour.
     seed: int = 0
     n_base_filters: int = 32
@@ -115,14 +115,7 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
                 raise ValueError(
                     f"Expected {name} to be None or a positive integer. Received: {name}={value!r}"
                 )
-        for name in (
-            "flip_rate",
-            "local_rate",
-            "nonlinear_rate",
-            "paint_rate",
-            "outpaint_rate",
-            "inpaint_rate",
-        ):
+        for name in TRANSFORM_RATES:
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"Expected {name} in [0, 1]. Received: {name}={value!r}")

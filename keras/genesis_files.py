@@ -5,6 +5,8 @@ transforms can import it as well as the trainer. It holds, once each:
 
 * the two tensor layouts (`DATA_FORMATS`) and which default each part of the project uses;
 * the names of the cube files that extraction writes and pre-training reads;
+* the original's transform probabilities and sample-picture defaults, which both the pre-training
+  config and the transforms' config-like objects fall back to;
 * `atomic_path`, the one write-then-rename used for every output outside the model file itself.
 
 `unet3d.py` is the one deliberate exception: it must import only Keras so a fine-tuning user can
@@ -21,6 +23,8 @@ import uuid
 from collections.abc import Iterator
 
 __all__ = [
+    "SAMPLE_DEFAULTS",
+    "TRANSFORM_RATES",
     "DATA_FORMATS",
     "MODEL_DATA_FORMAT",
     "TRAINING_DATA_FORMAT",
@@ -39,6 +43,24 @@ MODEL_DATA_FORMAT = "channels_first"
 # The pre-training command line defaults to channels-last: faster on GPUs and CPUs alike, and the
 # weights it saves are the same as in the original's layout.
 TRAINING_DATA_FORMAT = "channels_last"
+
+
+# The original's transform probabilities (docs/transforms.md), in the order the config lists them.
+# outpaint_rate is kept for the original's config files; inpaint_rate alone decides the painting.
+TRANSFORM_RATES = {
+    "flip_rate": 0.4,
+    "local_rate": 0.5,
+    "nonlinear_rate": 0.9,
+    "paint_rate": 0.9,
+    "outpaint_rate": 0.8,
+    "inpaint_rate": 0.2,
+}
+# Where and whether sample pictures of training pairs are written (docs/pretraining.md).
+SAMPLE_DEFAULTS = {
+    "save_samples": "png",
+    "exp_name": "Vnet-genesis_chest_ct",
+    "sample_path": "pair_samples",
+}
 
 
 def cube_file_name(scale: int, rows: int, cols: int, deps: int, fold: int) -> str:

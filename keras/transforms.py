@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 import genesis_kernels
-from genesis_files import atomic_path
+from genesis_files import SAMPLE_DEFAULTS, TRANSFORM_RATES, atomic_path
 
 # Part of this module's API as well: the out-painting noise, and the fast np.interp.
 from genesis_kernels import fast_interp, uniform_fill
@@ -68,17 +68,7 @@ PAINT_CONTINUE_PROB = 0.95  # in/out-painting: probability of drawing one more b
 
 # Pre-training rates and sample-PNG settings of the original config, used when a duck-typed
 # config lacks an attribute.
-CONFIG_DEFAULTS = {
-    "flip_rate": 0.4,
-    "local_rate": 0.5,
-    "nonlinear_rate": 0.9,
-    "paint_rate": 0.9,
-    "outpaint_rate": 0.8,
-    "inpaint_rate": 0.2,
-    "save_samples": "png",
-    "exp_name": "Vnet-genesis_chest_ct",
-    "sample_path": "pair_samples",
-}
+CONFIG_DEFAULTS = {**TRANSFORM_RATES, **SAMPLE_DEFAULTS}
 # The six rates, in the order above: flip_rate, local_rate, ..., inpaint_rate.
 RATE_NAMES = tuple(name for name in CONFIG_DEFAULTS if name.endswith("_rate"))
 SAMPLE_PNG_PROB = 0.01  # "about one batch in 100" writes a sample picture

@@ -5,11 +5,11 @@
 # says how to read them.
 #
 # On a GPU machine with the requirements installed and JAX with CUDA (TensorFlow is not needed):
-#   KERAS_BACKEND=jax bash benchmarks/gpu_session.sh
+#   KERAS_BACKEND=jax bash benchmarks/run_gpu_benchmarks.sh
 # On an offline machine without Keras, put the wheels of keras, namex and optree in a folder
 # and pass it as WHEELS=folder: they are installed into /tmp/site first.
 # Smoke test on a CPU (both benchmarks' --tiny):
-#   PATH=.venv/bin:$PATH EXTRA=--tiny OUT=/tmp/gpu_smoke bash benchmarks/gpu_session.sh
+#   PATH=.venv/bin:$PATH EXTRA=--tiny OUT=/tmp/gpu_smoke bash benchmarks/run_gpu_benchmarks.sh
 #
 # Each step has its own time limit, so one slow compilation cannot cost the other's figures.
 set -uo pipefail

@@ -14,22 +14,7 @@ import pytest
 
 import genesis_kernels as K
 import transforms as T
-
-
-def cube(shape=(20, 20, 20), seed=0, dtype=np.float32):
-    return np.random.default_rng(seed).random((1,) + shape).astype(dtype)
-
-
-def ct_like(shape=(64, 64, 32), seed=0):
-    """Integer-HU-like values (few distinct values, smooth), as real CT cubes have."""
-    rng = np.random.default_rng(seed)
-    hu = np.round(np.cumsum(rng.normal(0, 40, (1,) + shape), axis=3)).clip(-1000, 1000)
-    return ((hu + 1000) / 2000).astype(np.float32)
-
-
-def within(p_hat, p, n, k=4.5):
-    return abs(p_hat - p) <= k * math.sqrt(p * (1 - p) / n) + 1e-12
-
+from transform_helpers import ct_like, cube, within
 
 # ---------------------------------------------------------------------------- fast interp
 

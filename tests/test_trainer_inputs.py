@@ -2,10 +2,10 @@
 
 import os
 
-import Genesis_Chest_CT
 import numpy as np
 import pytest
 
+import Genesis_Chest_CT
 from genesis_trainer import (
     PretrainingInputError,
     build_model,

@@ -5,7 +5,6 @@ MedIA 2021; docs/transforms.md) at the config's rates, on one random stream; ref
 the public transforms called one by one and the distributions the rates imply.
 """
 
-import math
 import os
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import transforms as T
+from transform_helpers import ct_like, cube, within
 
 RATES0 = dict(
     flip_rate=0.0,
@@ -29,21 +29,6 @@ def cfg(**kw):
     d = dict(RATES0)
     d.update(kw)
     return SimpleNamespace(**d)
-
-
-def cube(shape=(20, 20, 20), seed=0, dtype=np.float32):
-    return np.random.default_rng(seed).random((1,) + shape).astype(dtype)
-
-
-def ct_like(shape=(64, 64, 32), seed=0):
-    """Integer-HU-like values (few distinct values, smooth), as real CT cubes have."""
-    rng = np.random.default_rng(seed)
-    hu = np.round(np.cumsum(rng.normal(0, 40, (1,) + shape), axis=3)).clip(-1000, 1000)
-    return ((hu + 1000) / 2000).astype(np.float32)
-
-
-def within(p_hat, p, n, k=4.5):
-    return abs(p_hat - p) <= k * math.sqrt(p * (1 - p) / n) + 1e-12
 
 
 # ---------------------------------------------------------------------------- generate_pair

@@ -6,8 +6,6 @@
 #
 # On a GPU machine with the requirements installed and JAX with CUDA (TensorFlow is not needed):
 #   KERAS_BACKEND=jax bash benchmarks/run_gpu_benchmarks.sh
-# On an offline machine without Keras, put the wheels of keras, namex and optree in a folder
-# and pass it as WHEELS=folder: they are installed into /tmp/site first.
 # Smoke test on a CPU (both benchmarks' --tiny):
 #   PATH=.venv/bin:$PATH EXTRA=--tiny OUT=/tmp/gpu_smoke bash benchmarks/run_gpu_benchmarks.sh
 #
@@ -17,12 +15,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
-WHEELS=${WHEELS:-}
-if [ -n "$WHEELS" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$WHEELS"/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
   python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices()); print('keras', keras.__version__)"; } \

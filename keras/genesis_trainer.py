@@ -133,7 +133,9 @@ class TrainingSession:
 # ------------------------------------------------------------------------------------------
 
 
-def find_cube_files(config: models_genesis_config, folds: Sequence[int], role: str) -> list[str]:
+def find_cube_files(
+    config: models_genesis_config, folds: Sequence[int], role: str
+) -> tuple[list[str], int]:
     """Locate and check the cube file of each fold.
 
     Args:
@@ -142,14 +144,14 @@ def find_cube_files(config: models_genesis_config, folds: Sequence[int], role: s
         role: "training" or "validation", for messages.
 
     Returns:
-        One absolute path per fold.
+        One absolute path per fold, and the number of cubes in them all.
 
     Raises:
         FileNotFoundError: a fold has no cube file (the message lists the names tried).
         ValueError: a file holds cubes of another shape or type than the config expects.
     """
     data = os.path.abspath(config.data)
-    paths = []
+    paths, n_cubes = [], 0
     for fold in folds:
         names = cube_file_names(
             config.scale, config.input_rows, config.input_cols, config.input_deps, fold
@@ -168,9 +170,9 @@ def find_cube_files(config: models_genesis_config, folds: Sequence[int], role: s
                 f"No cube file for {role} fold {fold} in {data}. Expected one of: "
                 f"{', '.join(names)}. {hint}"
             )
-        check_cube_file(found[0], config)
+        n_cubes += check_cube_file(found[0], config)
         paths.append(found[0])
-    return paths
+    return paths, n_cubes
 
 
 def check_cube_file(path: str, config: models_genesis_config) -> int:
@@ -236,10 +238,9 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
             f"A run already exists ({', '.join(existing)}). Pass --resume to continue it, or "
             "choose another --model_path or --exp_name."
         )
-    train_files = find_cube_files(config, config.train_fold, "training")
-    valid_files = find_cube_files(config, config.valid_fold, "validation")
-    n_train = sum(check_cube_file(p, config) for p in train_files)
-    n_valid = sum(check_cube_file(p, config) for p in valid_files)
+    # Each header is read once: find_cube_files checks the files and counts their cubes.
+    train_files, n_train = find_cube_files(config, config.train_fold, "training")
+    valid_files, n_valid = find_cube_files(config, config.valid_fold, "validation")
     for role, n in (("training", n_train), ("validation", n_valid)):
         if n < config.batch_size:
             raise ValueError(

@@ -1,0 +1,66 @@
+"""The transfer benchmark's bookkeeping: the per-cell summary and the stage stamps."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_transfer", ROOT / "benchmarks" / "bench_transfer.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_per_budget_and_initialisation_matches_hand_values(bench):
+    runs = [
+        {"init": "scratch", "budget": 7, "seed": 0, "mean_dice": 0.2},
+        {"init": "genesis", "budget": 7, "seed": 0, "mean_dice": 0.5},
+        {"init": "genesis", "budget": 7, "seed": 1, "mean_dice": 0.7},
+        {"init": "scratch", "budget": 7, "seed": 1, "mean_dice": 0.4},
+        {"init": "genesis", "budget": 28, "seed": 0, "mean_dice": 0.9},
+    ]
+    rows = bench.summarise(runs)
+    assert [(r["budget"], r["init"], r["seeds"]) for r in rows] == [
+        (7, "genesis", 2),
+        (7, "scratch", 2),
+        (28, "genesis", 1),
+    ]
+    # mean of 0.5 and 0.7 is 0.6; sample std is |0.7 - 0.5| / sqrt(2)
+    assert rows[0]["mean"] == pytest.approx(0.6)
+    assert rows[0]["std"] == pytest.approx(0.2 / 2**0.5)
+    assert (rows[1]["min"], rows[1]["max"]) == (0.2, 0.4)
+    assert rows[2]["std"] == 0.0
+    text = bench.table(rows)
+    assert "| 7 | genesis | 2 | 0.600 |" in text
+
+
+def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
+    s = bench.Settings()
+    digest = s.digest("n_base_filters", "finetune_lr")
+    assert not bench.stage_done(tmp_path, digest)
+    bench.mark_done(tmp_path, digest)
+    assert bench.stage_done(tmp_path, digest)
+    s.finetune_lr = 1e-2
+    assert not bench.stage_done(tmp_path, s.digest("n_base_filters", "finetune_lr"))
+
+
+def test_tiny_shrinks_every_budget_and_keeps_three_seeds(bench):
+    full, tiny = bench.Settings.for_scale("gpu", False), bench.Settings.for_scale("gpu", True)
+    assert full.n_base_filters == 32 and tiny.n_base_filters < full.n_base_filters
+    assert tiny.finetune_epochs < full.finetune_epochs and len(tiny.seeds) == 3
+    assert json.dumps(bench.dataclasses.asdict(tiny))  # the settings file is plain JSON
+
+
+def test_per_case_dice_reads_the_evaluation_report(bench, tmp_path):
+    report = {"cases": [{"case": "a", "classes": {"tumour": {"dice": 0.5, "iou": 1 / 3}}}]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert bench.per_case_dice(path) == {"a": 0.5}

@@ -77,6 +77,7 @@ class Settings:
     finetune_batch_size: int = 2
     finetune_lr: float = 1e-3
     finetune_patience: int = 8
+    finetune_validation_steps: int = 8
     overlap: float = 0.25
     split_seed: int = 0
 
@@ -320,6 +321,7 @@ def finetune_one(
         "finetune_batch_size",
         "finetune_lr",
         "finetune_patience",
+        "finetune_validation_steps",
         "overlap",
         "test_cases",
         "split_seed",
@@ -357,10 +359,16 @@ def finetune_one(
         s.finetune_lr,
         "--patience",
         s.finetune_patience,
+        "--validation_steps",
+        s.finetune_validation_steps,
+        "--cache",
+        out / "cache",
+        "--verbose",
+        2,
         "--seed",
         seed,
         "--workers",
-        0,
+        1,
     ]
     if init == "scratch":
         cmd += ["--n_base_filters", s.n_base_filters]

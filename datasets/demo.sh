@@ -6,7 +6,7 @@
 # Step 1 writes synthetic LUNA16-style chest CT volumes to OUTDIR/luna16 (kept if present),
 # step 2 cuts 64x64x32 training cubes from folds 0 (training) and 1 (validation) into
 # OUTDIR/generated_cubes, step 3 pre-trains a small U-Net on them, step 4 fine-tunes it with the
-# README's segmentation snippet.
+# README's segmentation snippet, step 5 fine-tunes it with finetune.py on a tiny labelled set.
 # PY selects the interpreter (default: the project's .venv).
 set -euo pipefail
 # Keep TensorFlow's C++ start-up chatter out of the demo's output.
@@ -50,4 +50,17 @@ echo "   best weights: $WEIGHTS/Vnet-genesis_chest_ct.h5; log: $WEIGHTS/Vnet-gen
 echo "== Step 4: the README's segmentation snippet loads the demo weights and fine-tunes"
 "$PY" datasets/demo_finetune.py --weights "$WEIGHTS/Vnet-genesis_chest_ct.h5" \
     --cubes "$CUBES/bat_32_s_64x64x32_1.npy" --n_base_filters 4
+LABELLED="$OUT/labelled"
+RUN="$OUT/finetune_run"
+echo "== Step 5: finetune.py train + predict + evaluate on a tiny labelled set -> $RUN"
+"$PY" datasets/make_demo_labelled.py --out "$LABELLED" --cases 6 --seed 0
+# A demo rerun starts its run afresh (--overwrite); real runs continue with --resume.
+"$PY" keras/finetune.py train --data "$LABELLED" --output "$RUN" --overwrite \
+    --weights "$WEIGHTS/Vnet-genesis_chest_ct.h5" --patch 32 32 16 --batch_size 2 \
+    --epochs 1 --steps_per_epoch 4 --validation_steps 1 --verbose 2
+"$PY" keras/finetune.py predict --model "$RUN" --input "$LABELLED/imagesTr" \
+    --output "$OUT/finetune_predictions" --overwrite
+"$PY" keras/finetune.py evaluate --predictions "$OUT/finetune_predictions" \
+    --labels "$LABELLED/labelsTr" --output "$OUT/finetune_report.json"
+echo "   model: $RUN/best_model.keras; report: $OUT/finetune_report.json"
 echo "== Demo done: outputs under $OUT"

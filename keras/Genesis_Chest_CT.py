@@ -97,13 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
             # Booleans are flags that are off by default.
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         elif is_list:
-            shown = " ".join(map(str, default))
+            shown = " ".join(map(str, default)) or "none"
             parser.add_argument(
                 flag,
                 type=base,
                 nargs="+",
                 default=argparse.SUPPRESS,
-                metavar="N",
+                metavar="PATH" if base is str else "N",
                 help=f"{text}; space-separated (default: {shown})",
             )
         else:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from genesis_files import DATA_FORMATS, SAMPLE_DEFAULTS, TRAINING_DATA_FORMAT, TRANSFORM_RATES
 
 DISTRIBUTE_MODES = ("auto", "off", "all")
+# HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 address.
+ADDRESS_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):\d{1,5}"
 
 
 @dataclass
@@ -43,6 +46,11 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
     train_fold: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     valid_fold: list[int] = field(default_factory=lambda: [5, 6])
     test_fold: list[int] = field(default_factory=lambda: [7, 8, 9])
+    # Cube files by path or glob pattern instead of folds (docs/own_data.md). Empty lists (not
+    # None, so every list field is a plain list on the command line) mean "use the folds".
+    train_files: list[str] = field(default_factory=list)
+    valid_files: list[str] = field(default_factory=list)
+    valid_fraction: float | None = None
     scale: int = 32
     input_rows: int = 64
     input_cols: int = 64
@@ -79,6 +87,11 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
     resume: bool = False
     use_multiprocessing: bool = False
     distribute: str = "auto"
+    # Multi-process training (docs/multihost.md); None: single process or the environment's.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    collective_timeout: int = 300
 
     def __post_init__(self) -> None:
         if self.exp_name is None:
@@ -137,6 +150,7 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
                 f"Expected distribute in {DISTRIBUTE_MODES}. "
                 f"Received: distribute={self.distribute!r}"
             )
+        self._validate_processes()
         if self.save_samples not in (None, "png"):
             raise ValueError(
                 f"Expected save_samples to be 'png' or None. "
@@ -150,11 +164,66 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
                 raise ValueError(
                     f"Expected {name} to be a list of integers. Received: {name}={folds!r}"
                 )
+        self._validate_files()
         if not self.train_fold or not self.valid_fold:
             raise ValueError(
                 "Expected at least one training and one validation fold. "
                 f"Received: train_fold={self.train_fold}, "
                 f"valid_fold={self.valid_fold}"
+            )
+
+    def _validate_processes(self) -> None:
+        """Check the multi-process fields (their meaning is in genesis_multihost)."""
+        timeout = self.collective_timeout
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+            raise ValueError(
+                "Expected collective_timeout to be a positive integer (seconds). "
+                f"Received: collective_timeout={timeout!r}"
+            )
+        n, pid = self.num_processes, self.process_id
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"Expected num_processes >= 1. Received: num_processes={n!r}")
+        if pid is not None and (
+            not isinstance(pid, int) or isinstance(pid, bool) or pid < 0 or (n and pid >= n)
+        ):
+            raise ValueError(
+                "Expected process_id in [0, num_processes). "
+                f"Received: process_id={pid!r}, num_processes={n!r}"
+            )
+        address = self.coordinator_address
+        if address is not None and not re.fullmatch(ADDRESS_PATTERN, str(address)):
+            raise ValueError(
+                "Expected coordinator_address as HOST:PORT (e.g. 10.0.0.1:12345). "
+                f"Received: coordinator_address={address!r}"
+            )
+
+    def _validate_files(self) -> None:
+        """Check the cube-file fields: lists of paths or patterns, a fraction in (0, 1)."""
+        for name in ("train_files", "valid_files"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"Expected {name} to be a list of paths or glob patterns. "
+                    f"Received: {name}={value!r}"
+                )
+        fraction = self.valid_fraction
+        if fraction is not None and (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0.0 < fraction < 1.0
+        ):
+            raise ValueError(
+                f"Expected valid_fraction in (0, 1). Received: valid_fraction={fraction!r}"
+            )
+        if fraction is not None and self.valid_files:
+            raise ValueError(
+                "Expected valid_files or valid_fraction, not both. "
+                f"Received: valid_files={self.valid_files}, valid_fraction={fraction}"
+            )
+        if self.train_files and not self.valid_files and fraction is None:
+            raise ValueError(
+                "Expected valid_files or valid_fraction with train_files. "
+                f"Received: train_files={self.train_files} and neither"
             )
 
     @property
@@ -201,6 +270,11 @@ FIELD_HELP = {
     "train_fold": "folds to train on",
     "valid_fold": "folds to validate on",
     "test_fold": "folds kept for testing (not used in pre-training)",
+    "train_files": "cube files to train on instead of train_fold: paths or quoted glob patterns "
+    "(e.g. 'cubes/*.npy'), relative to the current folder",
+    "valid_files": "cube files to validate on instead of valid_fold: paths or glob patterns",
+    "valid_fraction": "validate on this fraction of the training cubes' source volumes instead "
+    "(split by source with each cube file's CSV, from seed; e.g. 0.2)",
     "scale": "cubes per volume at extraction: part of the cube file names",
     "input_rows": "cube rows (R)",
     "input_cols": "cube columns (C)",
@@ -236,6 +310,12 @@ FIELD_HELP = {
     "use_multiprocessing": "make training pairs in processes instead of threads",
     "distribute": "auto: data-parallel over all GPUs when more than one is visible; "
     "off: one device; all: every visible device, CPUs included (tests)",
+    "coordinator_address": "JAX multi-process training: HOST:PORT of process 0's coordinator "
+    "(default: single process, or what JAX detects from SLURM / Open MPI)",
+    "num_processes": "JAX multi-process training: number of processes",
+    "process_id": "JAX multi-process training: this process' id, 0 to num_processes - 1",
+    "collective_timeout": "multi-process training: seconds after which a silent process "
+    "(JAX heartbeat) or a stuck collective (TensorFlow) stops the run with an error",
 }
 
 FIELD_CHOICES = {"data_format": DATA_FORMATS, "distribute": DISTRIBUTE_MODES}

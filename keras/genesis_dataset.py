@@ -17,6 +17,7 @@ Imports: stdlib, numpy, keras, transforms, genesis_files.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import mmap
 import os
@@ -69,6 +70,11 @@ class GenesisPairDataset(keras.utils.PyDataset):
         workers, use_multiprocessing, max_queue_size: passed to `keras.utils.PyDataset`.
         epoch_from_keras: True: each `on_epoch_end` call moves to the next epoch. False:
             `on_epoch_end` is ignored and only `set_epoch` changes the epoch.
+        process_index, process_count: multi-process training (docs/multihost.md): each of
+            `process_count` processes makes only its share of every global batch of
+            `batch_size`, samples [p * b, (p + 1) * b) with b = batch_size // process_count.
+            The shares put together are the batch a single process makes, byte for byte;
+            only process 0 writes sample PNGs.
 
     Attributes:
         cube_shape: (R, C, D). num_cubes: total cubes over all files. epoch: current epoch.
@@ -89,6 +95,8 @@ class GenesisPairDataset(keras.utils.PyDataset):
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
         epoch_from_keras: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -140,6 +148,23 @@ class GenesisPairDataset(keras.utils.PyDataset):
         self.steps = None if steps is None else int(steps)
         self.epoch_from_keras = bool(epoch_from_keras)
         self._epoch = 0
+        for name, value, low in (
+            ("process_count", process_count, 1),
+            ("process_index", process_index, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(
+                    f"Expected {name} to be an integer >= {low}. Received: {name}={value!r}"
+                )
+        if process_index >= process_count or self.batch_size % process_count:
+            raise ValueError(
+                f"Expected process_index < process_count and batch_size divisible by "
+                f"process_count. Received: process_index={process_index}, "
+                f"process_count={process_count}, batch_size={self.batch_size}"
+            )
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        share = self.batch_size // self.process_count
+        self.share = slice(self.process_index * share, (self.process_index + 1) * share)
 
     def __getstate__(self) -> dict:
         # Memory maps would pickle as whole arrays: processes started with "spawn" reopen the
@@ -203,9 +228,13 @@ class GenesisPairDataset(keras.utils.PyDataset):
         chosen = rng.choice(self.num_cubes, self.batch_size, replace=False)
         source = _CubeView(self)
         try:
-            x, y = transforms.make_batch(
-                source, chosen, self.config, rng, self.status, what="cubes"
-            )
+            if self.process_count == 1:
+                x, y = transforms.make_batch(
+                    source, chosen, self.config, rng, self.status, what="cubes"
+                )
+            else:
+                x, y = self._make_share(source, chosen, rng)
+                chosen = chosen[self.share]
         except ValueError:
             for k in chosen:  # name the offending file and cube
                 f, i = self._locate(int(k))
@@ -223,6 +252,66 @@ class GenesisPairDataset(keras.utils.PyDataset):
         if self.data_format == "channels_last":
             x, y = np.moveaxis(x, 1, -1), np.moveaxis(y, 1, -1)
         return x, y
+
+    def whole_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `index` of the current epoch in full, even on a process that makes a share.
+
+        For a fixed batch every process of a multi-process run must see whole (the trainer's
+        collapse check). It writes no sample PNG.
+
+        Args:
+            index: the batch index.
+
+        Returns:
+            (x, y) of all `batch_size` pairs, as a single process' `self[index]`.
+        """
+        whole = copy.copy(self)  # shares the memory maps
+        whole.process_index, whole.process_count = 0, 1
+        whole.share = slice(0, self.batch_size)
+        whole.status = "test"
+        return whole[index]
+
+    def _make_share(
+        self, source: _CubeView, chosen: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """This process' share of the batch of `chosen`, as `transforms.make_batch` would.
+
+        The pairs of a batch draw from one stream in order, so the draws of the samples before
+        this share are made and discarded (`_skip_pair`: random numbers only, no cube read,
+        no transform); the samples after it are not drawn at all.
+        """
+        mine = chosen[self.share]
+        dtype = np.dtype(source.dtype)
+        for _ in range(self.share.start):
+            _skip_pair(source.shape[1:], dtype, self.rates, rng)
+        buf = np.empty((2, len(mine)) + tuple(source.shape[1:]), dtype)
+        x, y = buf[0], buf[1]
+        for k, i in enumerate(mine):
+            y[k] = source[i]
+        transforms.check_values(y, f"cubes[{list(map(int, mine))}]")
+        for n in range(len(mine)):
+            transforms.corrupt_into(y[n], x[n], self.rates, rng)
+        if self.process_index == 0:
+            # Which pair of the batch a sample PNG shows depends on the number of processes;
+            # the training pairs do not.
+            transforms.maybe_save_sample(x, y, self.config, self.status, rng)
+        return x, y
+
+
+def _skip_pair(
+    shape: tuple, dtype: np.dtype, rates: dict[str, float], rng: np.random.Generator
+) -> None:
+    """Draw from `rng` exactly what `transforms.corrupt_into` draws for one cube, and nothing
+    else: the draws never depend on the cube's values, so no cube is needed."""
+    transforms.draw_flip_params(rates["flip_rate"], rng=rng)
+    transforms.draw_local_shuffle_params(shape, rates["local_rate"], rng=rng)
+    transforms.draw_nonlinear_params(rates["nonlinear_rate"], rng=rng)
+    if rng.random() < rates["paint_rate"]:
+        if rng.random() < rates["inpaint_rate"]:
+            transforms.draw_in_painting_params(shape, rng=rng, dtype=dtype)
+        else:
+            noise = np.empty(shape[1:], dtype)
+            transforms.draw_out_painting_params(shape, rng=rng, dtype=dtype, noise_out=noise)
 
 
 class _CubeView:

@@ -14,7 +14,8 @@ Everything that fails before `fit` starts is raised as `PretrainingInputError` (
 command line prints one line), errors during training as they are.
 
 Imports: stdlib, numpy, keras, unet3d, genesis_dataset, genesis_callbacks, genesis_checkpoint,
-genesis_files, config (this module is imported only after the command line is parsed).
+genesis_files, genesis_multihost, config (this module is imported only after the command line
+is parsed).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from genesis_checkpoint import (
 )
 from genesis_dataset import GenesisPairDataset
 from genesis_files import cube_file_names
+from genesis_multihost import current as current_group
+from genesis_multihost import describe_failure, initialize, is_writer
 
 __all__ = [
     "PretrainingInputError",
@@ -61,13 +64,17 @@ __all__ = [
     "build_model",
     "check_cube_file",
     "find_cube_files",
+    "find_listed_cube_files",
     "is_oom_error",
     "load_weights_checked",
     "make_datasets",
     "prepare",
+    "resolve_cube_files",
     "run_with_oom_retry",
     "select_distribution",
     "setup",
+    "split_by_source",
+    "SubsetPairDataset",
     "tensorboard_available",
     "train",
 ]
@@ -106,6 +113,9 @@ class TrainingPlan:
     n_valid: int
     steps: int
     val_steps: int
+    # With valid_fraction: the cubes (indices over the files, in order) of each side.
+    train_indices: np.ndarray | None = None
+    valid_indices: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -175,6 +185,127 @@ def find_cube_files(
     return paths, n_cubes
 
 
+def resolve_cube_files(patterns: Sequence[str], role: str) -> list[str]:
+    """The cube files named by paths and glob patterns (``*``, ``?``, ``[``; ``**`` any depth).
+
+    Args:
+        patterns: the ``train_files`` or ``valid_files`` entries, relative to the current folder.
+        role: "training" or "validation", for messages.
+
+    Returns:
+        Absolute paths: each pattern's matches sorted, patterns in order, each file once.
+
+    Raises:
+        FileNotFoundError: a pattern matches no file, or a path does not exist.
+    """
+    import glob
+
+    out: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise FileNotFoundError(
+                    f"Expected the {role} pattern {pattern!r} to match cube files (.npy) "
+                    f"from {os.getcwd()}. Received: no file matches it"
+                )
+        elif os.path.isfile(pattern):
+            matches = [pattern]
+        else:
+            raise FileNotFoundError(
+                f"Expected a {role} cube file at {pattern!r} (from {os.getcwd()}). "
+                "Received: no such file"
+            )
+        for m in matches:
+            full = os.path.abspath(m)
+            if full not in out:
+                out.append(full)
+    return out
+
+
+def find_listed_cube_files(
+    config: models_genesis_config, patterns: Sequence[str], role: str
+) -> tuple[list[str], int]:
+    """Like `find_cube_files`, for files named by paths or glob patterns instead of folds.
+
+    Args:
+        config: gives the expected cube size.
+        patterns: paths or glob patterns (`resolve_cube_files`).
+        role: "training" or "validation", for messages.
+
+    Returns:
+        The absolute paths and the number of cubes in them all.
+    """
+    paths = resolve_cube_files(patterns, role)
+    return paths, sum(check_cube_file(p, config) for p in paths)
+
+
+def split_by_source(
+    files: Sequence[str], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Split the cubes of ``files`` into training and validation by source volume.
+
+    Each cube file ``F.npy`` needs its ``F.csv`` (``source,x,y,z``, one row per cube, written by
+    ``infinite_generator_3D.py --output``). The distinct sources, sorted, are shuffled by
+    ``numpy.random.default_rng(seed)``; the first ``round(fraction * n)`` (at least 1, at most
+    ``n - 1``) validate, the others train, so no volume gives cubes to both sides.
+
+    Args:
+        files: the cube files, in order.
+        fraction: share of the sources that validate, in (0, 1).
+        seed: the run's seed.
+
+    Returns:
+        (training indices, validation indices, training sources, validation sources): indices
+        over the cubes of all files in order, sorted.
+
+    Raises:
+        FileNotFoundError: a file has no CSV beside it.
+        ValueError: a CSV does not list one row per cube, or there are fewer than 2 sources.
+    """
+    import csv
+
+    sources: list[str] = []
+    for path in files:
+        table = os.path.splitext(path)[0] + ".csv"
+        if not os.path.isfile(table):
+            raise FileNotFoundError(
+                f"Expected {table} beside {path} for valid_fraction (the per-cube CSV that "
+                "infinite_generator_3D.py --input ... --output writes). Received: no such file; "
+                "pass valid_files instead"
+            )
+        with open(table, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "source" not in reader.fieldnames:
+                raise ValueError(
+                    f"Expected a 'source' column in {table}. Received: {reader.fieldnames}"
+                )
+            rows = [r["source"] for r in reader]
+        n = int(np.load(path, mmap_mode="r").shape[0])
+        if len(rows) != n:
+            raise ValueError(
+                f"Expected one row per cube in {table} ({n} cubes in {path}). "
+                f"Received: {len(rows)} rows"
+            )
+        sources += rows
+    names = sorted(set(sources))
+    if len(names) < 2:
+        raise ValueError(
+            "Expected cubes from at least 2 source volumes to split by valid_fraction. "
+            f"Received: {len(names)} source in {', '.join(files)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_valid = min(max(1, round(fraction * len(names))), len(names) - 1)
+    valid_names = {names[i] for i in order[:n_valid]}
+    is_valid = np.array([s in valid_names for s in sources], dtype=bool)
+    return (
+        np.flatnonzero(~is_valid),
+        np.flatnonzero(is_valid),
+        len(names) - n_valid,
+        n_valid,
+    )
+
+
 def check_cube_file(path: str, config: models_genesis_config) -> int:
     """Check one cube file's header (memory-mapped: no cube is read).
 
@@ -231,7 +362,8 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
         FileNotFoundError, ValueError: missing or unfitting cube files, sizes or counts.
     """
     paths = RunPaths.of(config)
-    check_writable(os.path.dirname(paths.best))
+    if is_writer():  # the other processes of a multi-process run write nothing
+        check_writable(os.path.dirname(paths.best))
     existing = [p for p in (paths.last, paths.best) if os.path.exists(p)]
     if existing and not config.resume and not overwrite:
         raise FileExistsError(
@@ -239,13 +371,32 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
             "choose another --model_path or --exp_name."
         )
     # Each header is read once: find_cube_files checks the files and counts their cubes.
-    train_files, n_train = find_cube_files(config, config.train_fold, "training")
-    valid_files, n_valid = find_cube_files(config, config.valid_fold, "validation")
+    if config.train_files:
+        train_files, n_train = find_listed_cube_files(config, config.train_files, "training")
+    else:
+        train_files, n_train = find_cube_files(config, config.train_fold, "training")
+    train_indices = valid_indices = None
+    if config.valid_fraction is not None:
+        # The same files on both sides, split by source volume.
+        valid_files = list(train_files)
+        train_indices, valid_indices, n_src_train, n_src_valid = split_by_source(
+            train_files, config.valid_fraction, config.seed
+        )
+        n_train, n_valid = len(train_indices), len(valid_indices)
+        print(
+            f"valid_fraction {config.valid_fraction}: {n_src_valid} source volumes "
+            f"({n_valid} cubes) validate, {n_src_train} ({n_train} cubes) train."
+        )
+    elif config.valid_files:
+        valid_files, n_valid = find_listed_cube_files(config, config.valid_files, "validation")
+    else:
+        valid_files, n_valid = find_cube_files(config, config.valid_fold, "validation")
     for role, n in (("training", n_train), ("validation", n_valid)):
         if n < config.batch_size:
+            kind = "folds" if not config.train_files and config.valid_fraction is None else "files"
             raise ValueError(
                 f"Expected at least batch_size={config.batch_size} {role} cubes. "
-                f"Received: {n} cubes in the {role} folds."
+                f"Received: {n} cubes in the {role} {kind}."
             )
     steps = config.steps_per_epoch or n_train // config.batch_size
     val_steps = config.validation_steps or n_valid // config.batch_size
@@ -266,6 +417,8 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
         n_valid=n_valid,
         steps=steps,
         val_steps=val_steps,
+        train_indices=train_indices,
+        valid_indices=valid_indices,
     )
 
 
@@ -302,12 +455,17 @@ def load_weights_checked(model: keras.Model, path: str) -> None:
 
     Args:
         model: the model to load into.
-        path: the `--weights` file.
+        path: the `--weights` file, or `hf:FILE` for a published file of Hugging Face's
+            MrGiovanni/ModelsGenesis (through the hub's cache; `download_weights`).
 
     Raises:
         FileNotFoundError: no file at `path`.
         ValueError: the file does not fit the model.
     """
+    if path.startswith("hf:"):
+        from download_weights import resolve_weights  # only then: it needs huggingface_hub
+
+        path = resolve_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Expected a weight file at --weights {path!r}; none found.")
     try:
@@ -339,9 +497,13 @@ def make_datasets(
         use_multiprocessing=config.use_multiprocessing,
         max_queue_size=config.max_queue_size,
         epoch_from_keras=False,
+        # Multi-process training: each process makes only its share of every global batch.
+        process_index=current_group().index,
+        process_count=current_group().count,
     )
-    train_ds = GenesisPairDataset(
+    train_ds = _pair_dataset(
         plan.train_files,
+        plan.train_indices,
         config.batch_size,
         config,
         seed=config.seed,
@@ -351,8 +513,9 @@ def make_datasets(
     )
     # Another seed keeps validation pairs independent of the training pairs. Validation pairs
     # change every epoch, as the original's endless validation generator did.
-    valid_ds = GenesisPairDataset(
+    valid_ds = _pair_dataset(
         plan.valid_files,
+        plan.valid_indices,
         config.batch_size,
         config,
         seed=config.seed + 1,
@@ -361,6 +524,54 @@ def make_datasets(
         **common,
     )
     return train_ds, valid_ds
+
+
+class SubsetPairDataset(GenesisPairDataset):
+    """`GenesisPairDataset` over some of its files' cubes (a `valid_fraction` split).
+
+    Cube k of the dataset is cube ``indices[k]`` of all files in order; batches draw from
+    these only, exactly as a `GenesisPairDataset` would over files holding just them.
+
+    Args:
+        cube_files, batch_size, config: as `GenesisPairDataset`.
+        indices: distinct indices over all the files' cubes, in order.
+        **kwargs: the other `GenesisPairDataset` arguments.
+    """
+
+    def __init__(
+        self, cube_files: Sequence[str], batch_size: int, config: Any, *, indices: Any, **kwargs
+    ) -> None:
+        super().__init__(cube_files, batch_size, config, **kwargs)
+        chosen = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if (
+            chosen.size == 0
+            or chosen.min() < 0
+            or chosen.max() >= self.num_cubes
+            or len(np.unique(chosen)) != chosen.size
+        ):
+            raise ValueError(
+                f"Expected distinct cube indices in [0, {self.num_cubes}). "
+                f"Received: {chosen.size} indices"
+            )
+        self._subset = chosen
+        self.num_cubes = int(chosen.size)
+        if self.batch_size > self.num_cubes:
+            raise ValueError(
+                f"Expected at most {self.num_cubes} cubes per batch (the subset's cubes). "
+                f"Received: batch_size={self.batch_size}"
+            )
+
+    def _locate(self, k: int) -> tuple[int, int]:
+        return super()._locate(int(self._subset[k]))
+
+
+def _pair_dataset(
+    files: Sequence[str], indices: np.ndarray | None, *args: Any, **kwargs: Any
+) -> GenesisPairDataset:
+    """A `GenesisPairDataset` over the files, or a `SubsetPairDataset` when indices are given."""
+    if indices is None:
+        return GenesisPairDataset(files, *args, **kwargs)
+    return SubsetPairDataset(files, *args, indices=indices, **kwargs)
 
 
 def select_distribution(config: models_genesis_config) -> tuple[Any, int]:
@@ -378,6 +589,9 @@ def select_distribution(config: models_genesis_config) -> tuple[Any, int]:
         (a context manager to build and compile the model in, the number of devices).
     """
     backend = keras.backend.backend()
+    group = current_group()
+    if group.is_multi:
+        return _multi_process_distribution(config, group)
     if config.distribute == "off":
         return contextlib.nullcontext(), 1
     if backend == "jax":
@@ -414,6 +628,27 @@ def select_distribution(config: models_genesis_config) -> tuple[Any, int]:
                 "and TensorFlow backends only; training on one."
             )
     return contextlib.nullcontext(), 1
+
+
+def _multi_process_distribution(config: models_genesis_config, group: Any) -> tuple[Any, int]:
+    """Data parallelism over every device of every process of a multi-process run."""
+    if config.distribute == "off":
+        raise ValueError(
+            f"Expected distribute 'auto' or 'all' in a multi-process run ({group.count} "
+            "processes). Received: distribute='off'"
+        )
+    # Only JAX forms multi-process groups (genesis_multihost): every device of every process,
+    # the default platform's (GPUs, else the CPUs).
+    devices = keras.distribution.list_devices()
+    # The datasets already make only this process' share of each batch.
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+    )
+    print(
+        f"Process {group.index} of {group.count}: data-parallel training over "
+        f"{len(devices)} devices of {group.count} processes (keras.distribution)."
+    )
+    return contextlib.nullcontext(), len(devices)
 
 
 def _torch_gpu_count() -> int:
@@ -484,9 +719,14 @@ def _make_callbacks(
         verbose=config.verbose,
         restore=None if state is None else state.reduce_lr,
     )
-    if state is not None:
+    writer = is_writer()
+    if state is not None and writer:
         truncate_csv(paths.csv, state.epoch + 1)
     callbacks = [EpochSetter(datasets), CollapseWarning(probe), best_cb, early_cb, lr_cb]
+    if not writer:
+        # Another process writes the files; this one only trains (and stops early with it).
+        callbacks.remove(best_cb)
+        return callbacks
     if tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(log_dir=next_run_dir(paths.logs)))
     else:
@@ -513,6 +753,13 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
     Returns:
         The `TrainingSession`; None when a resumed run had already finished.
     """
+    # Before anything runs on the backend: jax.distributed must start first.
+    initialize(
+        config.coordinator_address,
+        config.num_processes,
+        config.process_id,
+        timeout=config.collective_timeout,
+    )
     plan = prepare(config, overwrite=overwrite)
     paths = plan.paths
     state = _resume_state(config, paths)
@@ -528,7 +775,9 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
         "mixed_bfloat16" if config.mixed_precision else "float32"
     )
     scope, n_devices = select_distribution(config)
-    if keras.backend.backend() == "jax" and config.batch_size % n_devices:
+    if (keras.backend.backend() == "jax" or current_group().is_multi) and (
+        config.batch_size % n_devices
+    ):
         raise ValueError(
             f"Expected batch_size divisible by the {n_devices} devices of "
             f"data-parallel training. Received: batch_size={config.batch_size}"
@@ -544,8 +793,9 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
             load_last_checkpoint(paths.last, model)
 
     train_ds, valid_ds = make_datasets(config, plan)
-    # The collapse check always predicts on validation batch 0 of epoch 0.
-    probe = valid_ds[0][0]
+    # The collapse check always predicts on validation batch 0 of epoch 0 (in full: every
+    # process of a multi-process run predicts on the same batch).
+    probe = valid_ds.whole_batch(0)[0]
     initial_epoch = 0 if state is None else state.epoch + 1
     if state is not None:
         # Batch i of epoch e depends only on (seed, e, i): resuming makes the same pairs as an
@@ -554,7 +804,8 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
             f"Resuming from {paths.last}: epoch {initial_epoch + 1} of {config.nb_epoch}, "
             f"best val_loss {state.best}, learning rate {state.learning_rate:g}"
         )
-    _write_records(config, model, paths)
+    if is_writer():
+        _write_records(config, model, paths)
     print(
         f"Training cubes: {plan.n_train} ({plan.steps} steps of {config.batch_size}); "
         f"validation cubes: {plan.n_valid} ({plan.val_steps} steps)."
@@ -589,17 +840,23 @@ def train(config: models_genesis_config, overwrite: bool = False) -> keras.callb
         raise PretrainingInputError(str(exc)) from exc
     if session is None:
         return None
-    return session.model.fit(
-        session.train_ds,
-        epochs=config.nb_epoch,
-        initial_epoch=session.initial_epoch,
-        validation_data=session.valid_ds,
-        callbacks=session.callbacks,
-        verbose=config.verbose,
-        # Every batch already draws random cubes; Keras' shuffling of the batch order would
-        # only make a resumed run differ from an uninterrupted one.
-        shuffle=False,
-    )
+    try:
+        return session.model.fit(
+            session.train_ds,
+            epochs=config.nb_epoch,
+            initial_epoch=session.initial_epoch,
+            validation_data=session.valid_ds,
+            callbacks=session.callbacks,
+            verbose=config.verbose,
+            # Every batch already draws random cubes; Keras' shuffling of the batch order would
+            # only make a resumed run differ from an uninterrupted one.
+            shuffle=False,
+        )
+    except Exception as exc:
+        if not current_group().is_multi or is_oom_error(exc):
+            raise
+        # Say which process stopped and that another one probably died.
+        raise RuntimeError(describe_failure(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------------
@@ -655,7 +912,8 @@ def run_with_oom_retry(
         try:
             return train_fn(config, overwrite=overwrite)
         except Exception as exc:
-            if not is_oom_error(exc):
+            if not is_oom_error(exc) or current_group().is_multi:
+                # Processes of one run cannot agree on a smaller batch: stop them all.
                 raise
             # An out-of-memory error in setup arrives wrapped: report the error itself.
             error = exc

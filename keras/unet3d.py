@@ -27,6 +27,12 @@ Two things differ from a plain Keras 3 port, both with the same weights and file
   first checks a Keras 2 ``.h5``, ``.weights.h5`` or ``.keras`` file layer by layer (naming the
   first layer that does not fit, with both shapes), and whose ``save``/``save_weights`` write to
   a temporary file and rename it, so an interrupted save never leaves a truncated file.
+
+``unet_model_3d(..., variant="pytorch")`` builds the network of the authors' PyTorch release
+(``Genesis_Chest_CT.pt``): transposed-convolution up-sampling and :class:`TorchBatchNormalization`,
+batch norm with PyTorch's epsilon and momentum that, like that release, normalises with the
+batch's own statistics at inference too. ``keras/convert_weights.py`` moves weights between it and
+the ``.pt`` file. The default network is unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ __all__ = [
     "UNet3D",
     "Conv3D",
     "Conv3DTranspose",
+    "TorchBatchNormalization",
+    "VARIANTS",
     "keras",
     "GlobalAveragePooling3D",
     "Dense",
@@ -67,6 +75,10 @@ __all__ = [
 keras.config.set_image_data_format("channels_first")
 
 _DATA_FORMATS = ("channels_first", "channels_last")
+# "keras": the network of Genesis_Chest_CT.h5; "pytorch": that of the PyTorch release.
+VARIANTS = ("keras", "pytorch")
+# PyTorch's BatchNorm3d defaults (eps=1e-5, momentum=0.1), in Keras' convention for momentum.
+_TORCH_BN = {"epsilon": 1e-5, "momentum": 0.9}
 
 
 def _add_channel_bias(outputs, bias, data_format: str):
@@ -121,6 +133,100 @@ class Conv3DTranspose(keras.layers.Conv3DTranspose):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+
+def _mean_one_axis_at_a_time(x, axes: Sequence[int]):
+    """``ops.mean(x, axes, keepdims=True)`` taken one axis at a time.
+
+    On TensorFlow a float32 mean over batch and three spatial axes at once is less accurate: for
+    the full-size network on two 64x64x32 volumes it put the output 5.7e-5 from PyTorch's,
+    against 5.2e-6 one axis at a time (docs/weights.md). The means of equal-sized slices average
+    to the same value, so nothing else changes.
+    """
+    for axis in sorted(axes, reverse=True):
+        x = ops.mean(x, axis=axis, keepdims=True)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="unet3d")
+class TorchBatchNormalization(keras.layers.BatchNormalization):
+    """Batch norm that computes as PyTorch's ``BatchNorm3d`` in the Models Genesis release.
+
+    The differences from ``keras.layers.BatchNormalization``, all for exactness against the
+    PyTorch network:
+
+    * ``batch_statistics=True`` normalises with the batch's own mean and (biased) variance at
+      inference as well as in training, as the PyTorch release's forward does. The moving
+      statistics are then used by nothing here; they are still updated in training and saved.
+      ``batch_statistics=False`` uses them at inference, like any batch norm.
+    * In training the moving variance is updated with the unbiased batch variance
+      (``n / (n - 1)`` times the biased one), as PyTorch does, and ``num_batches_tracked``
+      (an int32 weight, PyTorch's counter of the same name) counts the training batches.
+    * Moments are reduced one axis at a time (see ``_mean_one_axis_at_a_time``).
+
+    The ``epsilon`` and ``momentum`` arguments keep Keras' meaning; ``unet_model_3d`` passes
+    PyTorch's ``eps=1e-5`` and ``momentum=0.1`` as ``epsilon=1e-5, momentum=0.9``.
+
+    Args:
+        batch_statistics: normalise with batch statistics at inference too.
+        **kwargs: those of ``keras.layers.BatchNormalization`` (``renorm`` and
+            ``synchronized`` are not supported).
+    """
+
+    def __init__(self, batch_statistics: bool = False, **kwargs: Any) -> None:
+        if kwargs.get("renorm") or kwargs.get("synchronized"):
+            raise ValueError(
+                "Expected renorm=False and synchronized=False for TorchBatchNormalization. "
+                f"Received: renorm={kwargs.get('renorm')!r}, "
+                f"synchronized={kwargs.get('synchronized')!r}"
+            )
+        super().__init__(**kwargs)
+        self.batch_statistics = bool(batch_statistics)
+
+    def build(self, input_shape) -> None:
+        super().build(input_shape)
+        self.num_batches_tracked = self.add_weight(
+            shape=(),
+            name="num_batches_tracked",
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            autocast=False,
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        training = bool(training) and self.trainable
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        rank = len(x.shape)
+        axis = self.axis % rank
+        axes = [a for a in range(rank) if a != axis]
+        shape = [1] * rank
+        shape[axis] = -1
+        if training or self.batch_statistics:
+            mean = _mean_one_axis_at_a_time(x, axes)
+            variance = _mean_one_axis_at_a_time(ops.square(x - mean), axes)
+        else:
+            mean = ops.reshape(ops.cast(self.moving_mean, x.dtype), shape)
+            variance = ops.reshape(ops.cast(self.moving_variance, x.dtype), shape)
+        if training:
+            count = 1
+            for a in axes:
+                count = count * ops.shape(x)[a]
+            count = ops.cast(count, x.dtype)
+            unbiased = ops.reshape(variance, (-1,)) * count / ops.maximum(count - 1.0, 1.0)
+            m = self.momentum
+            self.moving_mean.assign(self.moving_mean * m + ops.reshape(mean, (-1,)) * (1.0 - m))
+            self.moving_variance.assign(self.moving_variance * m + unbiased * (1.0 - m))
+            self.num_batches_tracked.assign_add(ops.cast(1, "int32"))
+        outputs = (x - mean) * ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            outputs = outputs * ops.reshape(ops.cast(self.gamma, x.dtype), shape)
+        if self.center:
+            outputs = outputs + ops.reshape(ops.cast(self.beta, x.dtype), shape)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "batch_statistics": self.batch_statistics}
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +524,8 @@ def unet_model_3d(
     batch_normalization: bool = False,
     activation_name: str = "sigmoid",
     data_format: str | None = None,
+    variant: str = "keras",
+    batch_statistics: bool | None = None,
 ) -> UNet3D:
     """Build the Models Genesis 3D U-Net.
 
@@ -446,10 +554,30 @@ def unet_model_3d(
             None, which means channels_first whatever ``keras.config.image_data_format()``
             says. Weights are the same in both layouts (kernel shapes do not depend on it), so
             a file saved from one loads into the other.
+        variant: ``"keras"``, the network above; or ``"pytorch"``, the network of the PyTorch
+            release ``Genesis_Chest_CT.pt``, which implies ``deconvolution=True`` and
+            ``batch_normalization=True`` and uses :class:`TorchBatchNormalization` (PyTorch's
+            epsilon 1e-5 and momentum 0.1) for the ``depth_{k}_bn`` layers. Every layer keeps
+            its name, so heads on ``depth_7_relu`` or ``depth_13_relu`` work unchanged.
+        batch_statistics: for ``variant="pytorch"``, whether batch norm normalises with the
+            batch's own statistics at inference too, as the PyTorch release does. None means
+            True there; False uses the moving statistics at inference. Only the pytorch
+            variant takes it.
 
     Returns:
         A :class:`UNet3D` (a functional ``keras.Model``) named ``unet_3d``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"Expected variant in {VARIANTS}. Received: variant={variant!r}")
+    if variant == "keras" and batch_statistics is not None:
+        raise ValueError(
+            "Expected batch_statistics=None for variant='keras' (batch statistics at inference "
+            "belong to the PyTorch release's network: pass variant='pytorch'). "
+            f"Received: batch_statistics={batch_statistics!r}"
+        )
+    if variant == "pytorch":
+        deconvolution = batch_normalization = True
+        batch_statistics = True if batch_statistics is None else bool(batch_statistics)
     data_format = "channels_first" if data_format is None else data_format
     if data_format not in _DATA_FORMATS:
         raise ValueError(
@@ -475,7 +603,14 @@ def unet_model_3d(
         x = Conv3D(filters, 3, padding="same", data_format=data_format, name=f"depth_{block}_conv")(
             x
         )
-        if batch_normalization:
+        if variant == "pytorch":
+            x = TorchBatchNormalization(
+                batch_statistics=batch_statistics,
+                axis=channel_axis,
+                name=f"depth_{block}_bn",
+                **_TORCH_BN,
+            )(x)
+        elif batch_normalization:
             x = keras.layers.BatchNormalization(axis=channel_axis, name=f"depth_{block}_bn")(x)
         x = keras.layers.Activation("relu", name=f"depth_{block}_relu")(x)
         block += 1

@@ -1,0 +1,718 @@
+"""`finetune.py evaluate`: score predictions against labels.
+
+Segmentation: per case and per foreground class, Dice and IoU of the label maps, and the
+original's ``mean_iou`` (the mean over thresholds 0.5, 0.55, .., 0.95 of the two-class mean IoU
+between ``prediction > t`` and the truth, background included), from the saved probabilities
+when predict wrote them, else from the label map's one-hot. Mean and median over cases; a JSON
+report, a CSV beside it, and a PNG per case (the axial slice with the most foreground, with
+the label's and the prediction's outlines).
+
+Classification: ROC AUC (the Mann-Whitney statistic, ties counted one half) and accuracy from
+the CSV that predict writes, and the ROC curve as a PNG.
+
+Definitions that matter when comparing figures: two empty masks have Dice 1.0 and IoU 1.0 (the
+prediction is exactly right); ``mean_iou``'s per-threshold score averages only the classes
+present in the truth or the prediction, as ``tf.metrics.mean_iou`` did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+import finetune_volumes as fv
+from finetune_predict import CLASSIFICATION_CSV, image_ending
+from genesis_files import atomic_path
+
+__all__ = [
+    "EvaluateInputError",
+    "MEAN_IOU_THRESHOLDS",
+    "accuracy",
+    "add_evaluate_arguments",
+    "dice_iou",
+    "mean_iou",
+    "roc_auc",
+    "roc_curve",
+    "run_evaluate",
+]
+
+MEAN_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+DESCRIPTION = """\
+Score predictions against labels.
+
+Segmentation: label maps in PRED_DIR paired by case with LABEL_DIR ({case}{ext} in both).
+Per case and per foreground class: Dice, IoU and the original's mean_iou (background included,
+thresholds 0.5..0.95; from {case}.npz probabilities when predict saved them). Writes
+REPORT.json, REPORT.csv beside it and REPORT_png/{case}.png (the axial slice with the most
+foreground: label outline green, prediction outline red, on the image with --images).
+
+Classification: --predictions is the CSV predict wrote (or its folder); labels come from its
+label column, or --labels y.npy / a candidates CSV with a class column. Writes ROC AUC and
+accuracy to REPORT.json and the ROC curve to REPORT_roc.png."""
+
+EPILOG = """\
+examples:
+  python keras/finetune.py evaluate --predictions predictions/sts \\
+      --labels ../shared/data/sts_ct/labelsTr --images ../shared/data/sts_ct/imagesTr \\
+      --output reports/sts.json
+  python keras/finetune.py evaluate --predictions pred/nodules.csv --output reports/nodules.json"""
+
+
+class EvaluateInputError(ValueError):
+    """Bad input to evaluate, found before the scoring: the CLI exits with 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metric definitions
+# --------------------------------------------------------------------------------------------
+
+
+def dice_iou(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Dice ``2|P&T| / (|P| + |T|)`` and IoU ``|P&T| / |P|T|`` of two binary masks.
+
+    Args:
+        pred: the predicted mask (anything non-zero is foreground).
+        truth: the true mask, same shape.
+
+    Returns:
+        (dice, iou); both 1.0 when both masks are empty.
+    """
+    p = np.asarray(pred).astype(bool, copy=False)
+    t = np.asarray(truth).astype(bool, copy=False)
+    inter = int(np.count_nonzero(p & t))
+    n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
+    if n_p + n_t == 0:
+        return 1.0, 1.0
+    union = n_p + n_t - inter
+    return 2.0 * inter / (n_p + n_t), inter / union
+
+
+def mean_iou(truth: np.ndarray, pred: np.ndarray) -> float:
+    """The original's ``mean_iou``: the mean over thresholds 0.5..0.95 of the two-class mean IoU.
+
+    For each threshold t the prediction is ``pred > t`` and the truth ``truth > 0.5``; the IoU
+    of the foreground and of the background are averaged over those present in either mask.
+
+    Args:
+        truth: binary truth (0/1).
+        pred: probabilities of the foreground (or a 0/1 one-hot of a label map).
+
+    Returns:
+        The score in [0, 1].
+    """
+    g = np.asarray(truth).reshape(-1) > 0.5
+    p = np.asarray(pred, dtype=np.float32).reshape(-1)
+    n = g.size
+    n_g = int(np.count_nonzero(g))
+    scores = []
+    for t in MEAN_IOU_THRESHOLDS:
+        q = p > t
+        inter_fg = int(np.count_nonzero(q & g))
+        n_q = int(np.count_nonzero(q))
+        union_fg = n_q + n_g - inter_fg
+        # Background: the complement of both masks.
+        inter_bg = n - union_fg
+        union_bg = n - inter_fg
+        ious = [i / u for i, u in ((inter_fg, union_fg), (inter_bg, union_bg)) if u > 0]
+        scores.append(sum(ious) / len(ious) if ious else 0.0)
+    return float(np.mean(scores))
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve: the chance a random positive outscores a random negative.
+
+    Computed from ranks (ties averaged, so a tie counts one half), in O(n log n).
+
+    Args:
+        labels: 0/1 truth.
+        scores: the positive class's scores.
+
+    Returns:
+        The AUC in [0, 1].
+
+    Raises:
+        EvaluateInputError: when only one class is present.
+    """
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int(np.count_nonzero(y == 1))
+    n_neg = int(np.count_nonzero(y == 0))
+    if n_pos == 0 or n_neg == 0:
+        raise EvaluateInputError(
+            "Expected both classes among the labels for ROC AUC. Received: "
+            f"{n_pos} positive and {n_neg} negative"
+        )
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # Average 1-based rank over each run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    rank_sum = ranks[y == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve's points, from (0, 0) to (1, 1), one per distinct score.
+
+    Args:
+        labels: 0/1 truth.
+        scores: the positive class's scores.
+
+    Returns:
+        (false positive rates, true positive rates).
+    """
+    y = np.asarray(labels).reshape(-1).astype(np.int64)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tp = np.cumsum(y == 1)[last]
+    fp = np.cumsum(y == 0)[last]
+    n_pos, n_neg = max(int(np.sum(y == 1)), 1), max(int(np.sum(y == 0)), 1)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def accuracy(labels: Sequence[int], predicted: Sequence[int]) -> float:
+    """The fraction of predictions equal to the labels.
+
+    Args:
+        labels: the true classes.
+        predicted: the predicted classes.
+
+    Returns:
+        The accuracy in [0, 1].
+    """
+    y = np.asarray(labels).reshape(-1)
+    p = np.asarray(predicted).reshape(-1)
+    return float(np.mean(y == p)) if y.size else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures (Pillow)
+# --------------------------------------------------------------------------------------------
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    # A pixel of the mask with a 4-neighbour outside it.
+    m = np.pad(mask, 1)
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask & ~inner
+
+
+def _grey(slice_xy: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if slice_xy is None:
+        return np.zeros(shape, np.uint8)
+    x = slice_xy.astype(np.float32)
+    lo, hi = np.percentile(x, [1, 99]) if x.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((x - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def most_foreground_slice(truth: np.ndarray, pred: np.ndarray) -> int:
+    """The axial (z) slice with the most foreground in the truth (else in the prediction).
+
+    Args:
+        truth: the label map (x, y, z).
+        pred: the predicted label map.
+
+    Returns:
+        The z index (the middle one when both are empty).
+    """
+    for m in (truth, pred):
+        counts = np.count_nonzero(m.reshape(-1, m.shape[2]), axis=0)
+        if counts.max() > 0:
+            return int(np.argmax(counts))
+    return truth.shape[2] // 2
+
+
+def save_case_png(
+    path: str,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    image: np.ndarray | None = None,
+    title: str = "",
+) -> int:
+    """Draw the slice with the most foreground: the image in grey, outlines of truth and prediction.
+
+    The truth's outline is green, the prediction's red, where both agree yellow. x runs across
+    the picture, y down.
+
+    Args:
+        path: the PNG to write (atomically).
+        truth: the label map (x, y, z).
+        pred: the predicted label map.
+        image: the image on the same grid, or None for a black background.
+        title: text in the top-left corner.
+
+    Returns:
+        The z index drawn.
+    """
+    from PIL import Image, ImageDraw
+
+    z = most_foreground_slice(truth, pred)
+    t = truth[:, :, z].T > 0
+    p = pred[:, :, z].T > 0
+    grey = _grey(None if image is None else image[:, :, z].T, t.shape)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    ot, op = _outline(t), _outline(p)
+    rgb[ot] = (0, 255, 0)
+    rgb[op] = (255, 0, 0)
+    rgb[ot & op] = (255, 255, 0)
+    picture = Image.fromarray(rgb, "RGB")
+    scale = max(1, int(np.ceil(256 / max(t.shape))))
+    if scale > 1:
+        picture = picture.resize((t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST)
+    ImageDraw.Draw(picture).text((4, 4), f"{title} z={z}".strip(), fill=(255, 255, 255))
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return z
+
+
+def save_roc_png(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float) -> None:
+    """Draw the ROC curve (with the chance diagonal and the AUC) as a PNG, atomically.
+
+    Args:
+        path: the PNG.
+        fpr: false positive rates.
+        tpr: true positive rates.
+        auc: the area, printed on the picture.
+    """
+    from PIL import Image, ImageDraw
+
+    size, margin = 400, 40
+    picture = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(picture)
+    span = size - 2 * margin
+
+    def xy(f: float, t: float) -> tuple[float, float]:
+        return margin + f * span, size - margin - t * span
+
+    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    draw.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
+    draw.line([xy(float(f), float(t)) for f, t in zip(fpr, tpr, strict=True)], fill="blue", width=2)
+    draw.text((margin, 10), f"ROC  AUC = {auc:.3f}", fill="black")
+    draw.text((size // 2 - 60, size - margin + 12), "false positive rate", fill="black")
+    draw.text((4, margin - 14), "true positive rate", fill="black")
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing the files
+# --------------------------------------------------------------------------------------------
+
+
+def _case_files(folder: str, what: str) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        raise EvaluateInputError(f"Expected a folder of {what}. Received: {folder!r}")
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        ending = image_ending(name)
+        if name.startswith(".") or not os.path.isfile(path) or ending in ("", ".npz", ".raw"):
+            continue
+        if ending in (".json", ".csv", ".png", ".txt", ".md", ".zraw"):
+            continue
+        found[name[: -len(ending)]] = path
+    return found
+
+
+def pair_cases(predictions: str, labels: str) -> list[tuple[str, str, str]]:
+    """(case, prediction file, label file) for every case, matched by name without the ending.
+
+    Args:
+        predictions: the folder predict wrote.
+        labels: the folder of true label maps.
+
+    Returns:
+        The sorted triples.
+
+    Raises:
+        EvaluateInputError: naming the cases that have a prediction but no label, or a label but
+            no prediction.
+    """
+    pred = _case_files(predictions, "predicted label maps")
+    truth = _case_files(labels, "label maps")
+    no_label = sorted(set(pred) - set(truth))
+    no_pred = sorted(set(truth) - set(pred))
+    problems = []
+    if no_label:
+        problems.append(
+            f"prediction(s) without a label in {labels}: "
+            + ", ".join(os.path.basename(pred[c]) for c in no_label)
+        )
+    if no_pred:
+        problems.append(
+            f"label(s) without a prediction in {predictions}: "
+            + ", ".join(os.path.basename(truth[c]) for c in no_pred)
+        )
+    if problems:
+        raise EvaluateInputError(
+            "Expected one prediction per label, paired by case. Received: " + "; ".join(problems)
+        )
+    if not pred:
+        raise EvaluateInputError(f"Expected label maps in {predictions}. Received: none")
+    return [(c, pred[c], truth[c]) for c in sorted(pred)]
+
+
+def _find_image(folder: str, case: str) -> str | None:
+    for name in sorted(os.listdir(folder)):
+        ending = image_ending(name)
+        if ending and name[: -len(ending)] in (f"{case}_0000", case):
+            return os.path.join(folder, name)
+    return None
+
+
+def _class_names(args: argparse.Namespace, triples: list[tuple[str, str, str]]) -> dict[int, str]:
+    # dataset.json's foreground labels, else every non-zero value found in the files.
+    path = args.dataset_json
+    if path is None:
+        guess = os.path.join(os.path.dirname(os.path.abspath(args.labels)), "dataset.json")
+        path = guess if os.path.isfile(guess) else None
+    if path:
+        try:
+            with open(path) as f:
+                labels = json.load(f)["labels"]
+            names = {int(v): str(k) for k, v in labels.items() if int(v) != 0}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EvaluateInputError(
+                f"Expected a dataset.json with a labels dict. Received: {path!r} ({e})"
+            ) from None
+        return dict(sorted(names.items()))
+    values: set[int] = set()
+    for _, pred_path, label_path in triples:
+        for p in (pred_path, label_path):
+            values |= {int(v) for v in np.unique(fv.image_to_array(fv.read_image(p)))}
+    return {v: f"class_{v}" for v in sorted(values - {0})}
+
+
+# --------------------------------------------------------------------------------------------
+# Segmentation
+# --------------------------------------------------------------------------------------------
+
+
+def _load_probabilities(pred_path: str, case: str) -> dict[int, np.ndarray] | None:
+    path = os.path.join(os.path.dirname(pred_path), case + ".npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as f:
+        probs, values = f["probabilities"], f["class_values"]
+    return {int(v): probs[i] for i, v in enumerate(values)}
+
+
+def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """Score every case; write the JSON, the CSV and the PNGs.
+
+    Args:
+        args: the parsed ``evaluate`` flags.
+
+    Returns:
+        The report written to ``args.output``.
+    """
+    from tqdm import tqdm
+
+    triples = pair_cases(args.predictions, args.labels)
+    loaded = []
+    images: dict[str, str] = {}
+    # Check every pair's grid (headers only) before scoring any, so a mismatch is reported at
+    # once, naming both files and the field.
+    for case, pred_path, label_path in triples:
+        truth_grid = fv.read_geometry(label_path)
+        diffs = fv.read_geometry(pred_path).differences(truth_grid)
+        if diffs:
+            raise EvaluateInputError(
+                f"Expected the prediction on its label's grid. Received: {pred_path} and "
+                f"{label_path} differ in {'; '.join(diffs)}"
+            )
+        if args.images and not args.no_png:
+            image_path = _find_image(args.images, case)
+            if image_path is None:
+                raise EvaluateInputError(
+                    f"Expected an image of case {case!r} ({case}_0000 or {case} with an "
+                    f"image ending) in --images. Received: none in {args.images}"
+                )
+            image_grid = fv.read_geometry(image_path)
+            if image_grid.size != truth_grid.size:
+                raise EvaluateInputError(
+                    f"Expected {image_path} on the grid of {label_path}. Received: size "
+                    f"{image_grid.size} vs {truth_grid.size}"
+                )
+            images[case] = image_path
+        loaded.append((case, pred_path, label_path))
+    stem = os.path.splitext(args.output)[0]
+    png_dir = stem + "_png"
+    if not args.no_png:
+        os.makedirs(png_dir, exist_ok=True)
+    classes = _class_names(args, loaded)
+    results = []
+    for case, pred_path, label_path in tqdm(loaded, desc="evaluate", unit="case"):
+        # One case in memory at a time.
+        pred = fv.image_to_array(fv.read_image(pred_path))
+        truth = fv.image_to_array(fv.read_image(label_path))
+        probs = _load_probabilities(pred_path, case)
+        for value, name in classes.items():
+            t, p = truth == value, pred == value
+            dice, iou = dice_iou(p, t)
+            soft = probs.get(value) if probs else None
+            score = mean_iou(t, soft if soft is not None else p)
+            results.append(
+                {
+                    "case": case,
+                    "class": name,
+                    "value": value,
+                    "dice": dice,
+                    "iou": iou,
+                    "mean_iou": score,
+                    "mean_iou_from": "probabilities" if soft is not None else "label map",
+                    "truth_voxels": int(np.count_nonzero(t)),
+                    "predicted_voxels": int(np.count_nonzero(p)),
+                }
+            )
+        if not args.no_png:
+            image = fv.image_to_array(fv.read_image(images[case])) if case in images else None
+            save_case_png(os.path.join(png_dir, case + ".png"), truth, pred, image, title=case)
+    summary = {}
+    for value, name in classes.items():
+        mine = [r for r in results if r["value"] == value]
+        summary[name] = {
+            key: {
+                "mean": float(np.mean([r[key] for r in mine])),
+                "median": float(statistics.median([r[key] for r in mine])),
+            }
+            for key in ("dice", "iou", "mean_iou")
+        }
+    report = {
+        "task": "segmentation",
+        "predictions": os.path.abspath(args.predictions),
+        "labels": os.path.abspath(args.labels),
+        "n_cases": len(loaded),
+        "classes": {name: value for value, name in classes.items()},
+        "summary": summary,
+        "cases": results,
+        "definitions": {
+            "dice": "2|P&T| / (|P| + |T|); 1.0 when both are empty",
+            "iou": "|P&T| / |P or T|; 1.0 when both are empty",
+            "mean_iou": "mean over t = 0.5, 0.55, .., 0.95 of the mean IoU of foreground and "
+            "background between pred > t and the truth (classes present in either)",
+        },
+    }
+    _write_json(args.output, report)
+    columns = ["case", "class", "value", "dice", "iou", "mean_iou", "mean_iou_from"]
+    columns += ["truth_voxels", "predicted_voxels"]
+    _write_csv(stem + ".csv", columns, results)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+
+def _read_prediction_csv(path: str) -> tuple[list[str], np.ndarray, list[str] | None]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        prob_cols = [c for c in fields if c.startswith("prob_")]
+        if "id" not in fields or not prob_cols:
+            raise EvaluateInputError(
+                f"Expected a CSV with id and prob_* columns (as predict writes). Received: "
+                f"{path!r} with columns {fields}"
+            )
+        rows = list(reader)
+    ids = [r["id"] for r in rows]
+    probs = np.array([[float(r[c]) for c in prob_cols] for r in rows], dtype=np.float64)
+    labels = [r["label"] for r in rows] if "label" in fields else None
+    return ids, probs.reshape(len(rows), len(prob_cols)), labels
+
+
+def _classification_labels(args: argparse.Namespace, ids: list[str], own) -> np.ndarray:
+    if args.labels is None:
+        if own is None:
+            raise EvaluateInputError(
+                f"Expected --labels (y .npy or candidates .csv) or a label column in "
+                f"{args.predictions}. Received: neither"
+            )
+        return np.array([int(float(v)) for v in own], dtype=np.int64)
+    path = args.labels
+    if path.lower().endswith(".npy"):
+        y = np.load(path).reshape(-1).astype(np.int64)
+        if y.shape[0] != len(ids):
+            raise EvaluateInputError(
+                f"Expected {len(ids)} labels (one per prediction in {args.predictions}). "
+                f"Received: {y.shape[0]} in {path}"
+            )
+        return y
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "class" not in (reader.fieldnames or []) or "seriesuid" not in reader.fieldnames:
+            raise EvaluateInputError(
+                f"Expected a candidates CSV with seriesuid and class columns. Received: {path!r}"
+                f" with columns {reader.fieldnames}"
+            )
+        by_id = {f"{r['seriesuid']}:{i}": int(float(r["class"])) for i, r in enumerate(reader)}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise EvaluateInputError(
+            f"Expected a label in {path} for every prediction. Received: none for "
+            f"{', '.join(missing[:5])}" + (" .." if len(missing) > 5 else "")
+        )
+    return np.array([by_id[i] for i in ids], dtype=np.int64)
+
+
+def evaluate_classification(args: argparse.Namespace) -> dict[str, Any]:
+    """ROC AUC and accuracy of predict's CSV; write the JSON and the ROC PNG.
+
+    Args:
+        args: the parsed ``evaluate`` flags.
+
+    Returns:
+        The report written to ``args.output``.
+    """
+    path = args.predictions
+    if os.path.isdir(path):
+        path = os.path.join(path, CLASSIFICATION_CSV)
+    if not os.path.isfile(path):
+        raise EvaluateInputError(f"Expected predict's CSV. Received: {path!r} not found")
+    ids, probs, own = _read_prediction_csv(path)
+    y = _classification_labels(args, ids, own)
+    k = probs.shape[1]
+    predicted = (probs[:, 0] >= 0.5).astype(np.int64) if k == 1 else np.argmax(probs, axis=1)
+    report: dict[str, Any] = {
+        "task": "classification",
+        "predictions": os.path.abspath(path),
+        "n": len(ids),
+        "accuracy": accuracy(y, predicted),
+    }
+    stem = os.path.splitext(args.output)[0]
+    if k <= 2:
+        score = probs[:, 0] if k == 1 else probs[:, 1]
+        auc = roc_auc(y, score)
+        report["roc_auc"] = auc
+        fpr, tpr = roc_curve(y, score)
+        if not args.no_png:
+            save_roc_png(stem + "_roc.png", fpr, tpr, auc)
+    else:
+        # More classes: one-vs-rest AUC per class present, and their mean.
+        per_class = {}
+        for c in range(k):
+            yc = (y == c).astype(np.int64)
+            if 0 < yc.sum() < len(yc):
+                per_class[str(c)] = roc_auc(yc, probs[:, c])
+        report["roc_auc_per_class"] = per_class
+        report["roc_auc"] = float(np.mean(list(per_class.values()))) if per_class else None
+    report["definitions"] = {
+        "roc_auc": "P(score of a positive > score of a negative), ties counted 1/2",
+        "accuracy": "fraction with argmax of the probabilities (or p >= 0.5) equal to the label",
+    }
+    _write_json(args.output, report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and the command
+# --------------------------------------------------------------------------------------------
+
+
+def _write_json(path: str, obj: Any) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _write_csv(path: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(buf.getvalue())
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``evaluate`` flags (and its description and example) to `parser`.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        metavar="PRED_DIR",
+        help="predict's output folder (classification: its CSV or folder)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        metavar="LABEL_DIR",
+        help="folder of true label maps (classification: y .npy or candidates .csv, optional)",
+    )
+    parser.add_argument("--output", required=True, metavar="REPORT.json", help="the JSON report")
+    parser.add_argument(
+        "--images", default=None, metavar="DIR", help="images to draw the outlines on"
+    )
+    parser.add_argument(
+        "--dataset_json",
+        default=None,
+        help="class names (default: dataset.json beside LABEL_DIR, else class_{value})",
+    )
+    parser.add_argument("--no_png", action="store_true", help="write no pictures")
+
+
+def _is_classification(args: argparse.Namespace) -> bool:
+    p = args.predictions
+    return p.lower().endswith(".csv") or (
+        os.path.isdir(p) and os.path.isfile(os.path.join(p, CLASSIFICATION_CSV))
+    )
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``finetune.py evaluate`` with parsed flags.
+
+    Args:
+        args: the namespace `add_evaluate_arguments`' parser returns.
+
+    Returns:
+        0 on success, 2 on bad input (with a one-line error on stderr).
+    """
+    try:
+        if _is_classification(args):
+            report = evaluate_classification(args)
+            print(
+                f"accuracy {report['accuracy']:.4f}, ROC AUC {report['roc_auc']}; "
+                f"wrote {args.output}"
+            )
+            return 0
+        if args.labels is None:
+            raise EvaluateInputError(
+                "Expected --labels LABEL_DIR for segmentation. Received: no --labels"
+            )
+        report = evaluate_segmentation(args)
+        for name, s in report["summary"].items():
+            print(
+                f"{name}: Dice mean {s['dice']['mean']:.4f} median {s['dice']['median']:.4f}, "
+                f"IoU mean {s['iou']['mean']:.4f}, mean_iou {s['mean_iou']['mean']:.4f}"
+            )
+        print(f"wrote {args.output} for {report['n_cases']} case(s)")
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

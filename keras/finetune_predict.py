@@ -1,0 +1,696 @@
+"""`finetune.py predict`: run a fine-tuned model over whole volumes, or over cubes.
+
+Segmentation slides windows of the training patch over each volume (overlap 0.5 by default),
+weights each window's softmax votes with a Gaussian (sigma 1/8 of the patch per axis, as
+nnU-Net does), and writes ``{case}{ext}`` label maps on exactly the input's grid: same size,
+spacing, origin and direction. A run trained with a target spacing is resampled to it first and
+its predictions back onto the input's grid (labels nearest, probabilities linear).
+Classification reads ``.npy`` cubes ``(N, R, C, D)`` or a LUNA16-style candidates CSV with a
+folder of volumes and writes a CSV of class probabilities.
+
+The array convention is (x, y, z), as in `finetune_volumes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+import finetune_volumes as fv
+from genesis_files import atomic_path
+
+__all__ = [
+    "PredictInputError",
+    "add_predict_arguments",
+    "class_values",
+    "gaussian_importance",
+    "image_ending",
+    "load_run",
+    "predict_case",
+    "run_predict",
+    "sliding_window_predict",
+    "window_starts",
+]
+
+CONFIG_NAME = "finetune_config.json"
+MODEL_NAME = "best_model.keras"
+CLASSIFICATION_CSV = "predictions.csv"
+# Multi-part extensions SimpleITK writes, longest first.
+_ENDINGS = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".vtk")
+
+DESCRIPTION = """\
+Predict with a fine-tuned model.
+
+Segmentation: sliding windows of the training patch over each whole volume, Gaussian-weighted,
+written as label maps {case}{ext} on exactly the input's grid. Inputs are a folder in nnU-Net
+({case}_0000.nii.gz, {case}_0001.nii.gz for more channels) or Decathlon ({case}.nii.gz)
+naming, or explicit files. Cases already written are skipped unless --overwrite.
+
+Classification: .npy cubes (N, R, C, D), or a candidates CSV in LUNA16's format
+(seriesuid,coordX,coordY,coordZ[,class]) with --volumes DIR; writes a CSV of probabilities."""
+
+EPILOG = """\
+examples:
+  python keras/finetune.py predict --model runs/sts --input ../shared/data/sts_ct/imagesTr \\
+      --output predictions/sts
+  python keras/finetune.py predict --model runs/sts --input scan_0000.nii.gz --output pred \\
+      --save_probabilities --overlap 0.5 --batch_size 4
+  python keras/finetune.py predict --model runs/nodules --input x_test_64x64x32.npy \\
+      --output pred/nodules.csv
+  python keras/finetune.py predict --model runs/fp --input candidates.csv --volumes subset9 \\
+      --output pred/fp.csv"""
+
+
+class PredictInputError(ValueError):
+    """Bad input to predict, found before (or instead of) the work: the CLI exits with 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """The weight of each voxel of a window: a Gaussian centred on the window, peak 1.
+
+    Args:
+        patch: the window size (R, C, D).
+        sigma_scale: sigma as a fraction of the window size along each axis.
+
+    Returns:
+        A float32 array of shape `patch`, largest (1.0) at the centre, positive everywhere.
+    """
+    axes = []
+    for n in patch:
+        centre = (n - 1) / 2.0
+        sigma = max(n * sigma_scale, 1e-6)
+        i = np.arange(n, dtype=np.float64)
+        axes.append(np.exp(-0.5 * ((i - centre) / sigma) ** 2))
+    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    g /= g.max()
+    # Keep the border votes tiny but non-zero, so no voxel ends up with no weight at all.
+    g = np.maximum(g, 1e-6)
+    return g.astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """The start offsets of the windows along one axis, evenly spread, first 0, last size-patch.
+
+    The step is at most ``patch * (1 - overlap)``: the number of windows is
+    ``ceil((size - patch) / (patch * (1 - overlap))) + 1`` and they are spread evenly.
+
+    Args:
+        size: the (padded) volume size along the axis, at least `patch`.
+        patch: the window size.
+        overlap: the fraction of a window that neighbours share, in [0, 1).
+
+    Returns:
+        The sorted start offsets.
+    """
+    if size < patch:
+        raise ValueError(f"Expected size >= patch. Received: size={size}, patch={patch}")
+    if size == patch:
+        return [0]
+    step = max(patch * (1.0 - overlap), 1.0)
+    n = int(math.ceil((size - patch) / step)) + 1
+    actual = (size - patch) / (n - 1)
+    return [int(round(i * actual)) for i in range(n)]
+
+
+def _pad_to(volume: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    # Centred zero padding (0 is the bottom of every intensity window) up to the patch, and
+    # the slices that crop it back.
+    pads = []
+    crop = [slice(None)]
+    for n, p in zip(volume.shape[1:], patch, strict=True):
+        extra = max(0, p - n)
+        before = extra // 2
+        pads.append((before, extra - before))
+        crop.append(slice(before, before + n))
+    if not any(a or b for a, b in pads):
+        return volume, tuple(crop)
+    return np.pad(volume, [(0, 0), *pads]), tuple(crop)
+
+
+def sliding_window_predict(
+    predict_batch: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray,
+    patch: Sequence[int],
+    n_classes: int,
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    gaussian: bool = True,
+) -> np.ndarray:
+    """Class probabilities over a whole volume from windows of the patch size.
+
+    Each window's output is multiplied by the window weight (a Gaussian, or ones) and added
+    up; the sum is divided by the summed weights. A volume smaller than the patch is padded
+    (centred, with zeros) and the result cropped back.
+
+    Args:
+        predict_batch: maps a float32 batch ``(B, channels, R, C, D)`` to ``(B, n_classes,
+            R, C, D)`` probabilities (channels first whatever the model's layout).
+        volume: ``(channels, X, Y, Z)`` float32, already normalised.
+        patch: the window size (R, C, D).
+        n_classes: the number of output channels.
+        overlap: the fraction of a window that neighbours share, in [0, 1).
+        batch_size: windows per call of `predict_batch`.
+        gaussian: Gaussian weighting (sigma 1/8 of the patch); False weights all voxels alike.
+
+    Returns:
+        ``(n_classes, X, Y, Z)`` float32 probabilities.
+    """
+    if volume.ndim != 4:
+        raise ValueError(
+            f"Expected a volume (channels, X, Y, Z). Received: shape={tuple(volume.shape)}"
+        )
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"Expected 0 <= overlap < 1. Received: overlap={overlap}")
+    patch = tuple(int(p) for p in patch)
+    padded, crop = _pad_to(np.asarray(volume, dtype=np.float32), patch)
+    shape = padded.shape[1:]
+    weight = gaussian_importance(patch) if gaussian else np.ones(patch, np.float32)
+    total = np.zeros((n_classes, *shape), np.float32)
+    norm = np.zeros(shape, np.float32)
+    starts = [
+        (a, b, c)
+        for a in window_starts(shape[0], patch[0], overlap)
+        for b in window_starts(shape[1], patch[1], overlap)
+        for c in window_starts(shape[2], patch[2], overlap)
+    ]
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i : i + batch_size]
+        windows = [
+            (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
+            for a, b, c in chunk
+        ]
+        batch = np.stack([padded[(slice(None), *w)] for w in windows])
+        if len(chunk) < batch_size and i > 0:
+            # Keep every call the same shape: a new batch size would make a compiled model
+            # trace again. The filler windows' outputs are dropped.
+            filler = np.zeros((batch_size - len(chunk), *batch.shape[1:]), np.float32)
+            batch = np.concatenate([batch, filler])
+        out = np.asarray(predict_batch(batch), dtype=np.float32)[: len(chunk)]
+        if out.shape != (len(chunk), n_classes, *patch):
+            raise ValueError(
+                f"Expected the model to return {(len(chunk), n_classes, *patch)} per batch "
+                f"(channels first). Received: shape={tuple(out.shape)}"
+            )
+        for w, probs in zip(windows, out, strict=True):
+            total[(slice(None), *w)] += probs * weight
+            norm[w] += weight
+    total /= norm
+    return total[crop]
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------
+
+
+def load_run(run_dir: str, model_file: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The fine-tuned model and its resolved config from a training run folder.
+
+    Args:
+        run_dir: the folder ``finetune.py train --output`` wrote.
+        model_file: the model to load, default ``{run_dir}/best_model.keras``.
+
+    Returns:
+        (model, config).
+
+    Raises:
+        PredictInputError: naming the file when the folder lacks the config or the model, or
+            the config lacks a field predict needs.
+    """
+    config_path = os.path.join(run_dir, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise PredictInputError(
+            f"Expected a training run folder with {CONFIG_NAME}. Received: --model {run_dir!r} "
+            f"({config_path} not found)"
+        )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PredictInputError(f"Expected JSON in {config_path}. Received: {e}") from None
+    missing = [k for k in ("task", "patch", "data_format", "n_classes") if k not in config]
+    if missing:
+        raise PredictInputError(
+            f"Expected task, patch, data_format and n_classes in {config_path}. "
+            f"Received: missing {missing}"
+        )
+    if config["task"] not in ("segmentation", "classification"):
+        raise PredictInputError(
+            f"Expected task 'segmentation' or 'classification' in {config_path}. "
+            f"Received: task={config['task']!r}"
+        )
+    model_path = model_file or os.path.join(run_dir, MODEL_NAME)
+    if not os.path.isfile(model_path):
+        raise PredictInputError(f"Expected a saved model. Received: {model_path!r} not found")
+    import keras
+
+    import unet3d  # noqa: F401  (registers the model's classes for loading)
+
+    model = keras.models.load_model(model_path, compile=False)
+    return model, config
+
+
+def class_values(config: dict[str, Any]) -> np.ndarray:
+    """The label value written for each output class: dataset.json's label values, sorted.
+
+    Args:
+        config: the run's config (``labels`` name->value, ``n_classes``).
+
+    Returns:
+        An int64 array of length n_classes (0, 1, .. when the config has no labels).
+    """
+    n = int(config["n_classes"])
+    labels = config.get("labels") or {}
+    values = sorted({int(v) for v in labels.values()}) if labels else list(range(n))
+    if len(values) != n:
+        raise PredictInputError(
+            f"Expected {n} label values (n_classes) in the run's labels. Received: labels={labels}"
+        )
+    return np.asarray(values, dtype=np.int64)
+
+
+def _channel_modes(config: dict[str, Any], n_channels: int) -> list[str]:
+    modes = config.get("intensity") or ["ct"]
+    if isinstance(modes, str):
+        modes = [modes]
+    if len(modes) == 1 and n_channels > 1:
+        modes = modes * n_channels
+    if len(modes) != n_channels:
+        raise PredictInputError(
+            f"Expected {len(modes)} channel(s) per case, as the model was trained. "
+            f"Received: {n_channels}"
+        )
+    return list(modes)
+
+
+def make_predictor(model: Any, data_format: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A channels-first batch function over `model` (``predict_on_batch``), whatever its layout.
+
+    Args:
+        model: a Keras model.
+        data_format: the model's layout.
+
+    Returns:
+        A function (B, channels, R, C, D) -> (B, classes, R, C, D) as NumPy arrays.
+    """
+    if data_format == "channels_last":
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            out = model.predict_on_batch(np.ascontiguousarray(np.moveaxis(batch, 1, -1)))
+            return np.moveaxis(np.asarray(out), -1, 1)
+
+        return predict
+    return lambda batch: np.asarray(model.predict_on_batch(batch))
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+
+
+def image_ending(path: str) -> str:
+    """The file ending of an image path (".nii.gz", ".mha", ..; "" for a folder)."""
+    name = os.path.basename(os.fspath(path).rstrip(os.sep)).lower()
+    for ending in _ENDINGS:
+        if name.endswith(ending):
+            return ending
+    return os.path.splitext(name)[1]
+
+
+def _read_channels(paths: Sequence[str]) -> tuple[list[sitk.Image], fv.Geometry]:
+    images = [fv.read_image(p) for p in paths]
+    geometry = fv.Geometry.of(images[0])
+    for path, image in zip(paths[1:], images[1:], strict=True):
+        diffs = geometry.differences(fv.Geometry.of(image))
+        if diffs:
+            raise PredictInputError(
+                f"Expected every channel of a case on one grid. Received: {paths[0]} and "
+                f"{path} differ in {'; '.join(diffs)}"
+            )
+    return images, geometry
+
+
+def predict_case(
+    model: Any,
+    config: dict[str, Any],
+    image_paths: Sequence[str],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    gaussian: bool = True,
+) -> tuple[np.ndarray, np.ndarray, fv.Geometry]:
+    """Predict one case on its own grid.
+
+    Args:
+        model: the fine-tuned segmentation model.
+        config: the run's config.
+        image_paths: one image per channel, in channel order.
+        overlap: window overlap in [0, 1).
+        batch_size: windows per model call.
+        gaussian: Gaussian window weighting.
+
+    Returns:
+        (label map (x, y, z) of label values, probabilities (n_classes, x, y, z) float32, the
+        input's geometry). With a training spacing, both are resampled back onto the input's
+        grid: labels with nearest neighbour, probabilities linearly.
+    """
+    images, geometry = _read_channels(image_paths)
+    modes = _channel_modes(config, len(images))
+    spacing = config.get("spacing")
+    if spacing:
+        images = [fv.resample_image(img, spacing, is_label=False) for img in images]
+    volume = np.stack(
+        [
+            fv.normalise_intensity(fv.image_to_array(img), mode)
+            for img, mode in zip(images, modes, strict=True)
+        ]
+    )
+    n_classes = int(config["n_classes"])
+    probs = sliding_window_predict(
+        make_predictor(model, config["data_format"]),
+        volume,
+        config["patch"],
+        n_classes,
+        overlap=overlap,
+        batch_size=batch_size,
+        gaussian=gaussian,
+    )
+    values = class_values(config)
+    labels = values[np.argmax(probs, axis=0)]
+    if spacing:
+        work = fv.Geometry.of(images[0])
+        labels = fv.image_to_array(
+            fv.resample_like(fv.array_to_image(labels.astype(np.int32), work), geometry, True)
+        )
+        probs = np.stack(
+            [
+                fv.image_to_array(fv.resample_like(fv.array_to_image(p, work), geometry, False))
+                for p in probs
+            ]
+        )
+    return labels, probs, geometry
+
+
+def _label_dtype(values: np.ndarray) -> np.dtype:
+    lo, hi = int(values.min()), int(values.max())
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def _save_probabilities(path: str, probs: np.ndarray, values: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.savez(tmp, probabilities=probs.astype(np.float32), class_values=values)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+
+def _classification_inputs(args: argparse.Namespace, config: dict[str, Any]):
+    inputs = list(args.input)
+    patch = tuple(int(p) for p in config["patch"])
+    modes = _channel_modes(config, 1)
+    if len(inputs) == 1 and inputs[0].lower().endswith(".csv"):
+        if not args.volumes:
+            raise PredictInputError(
+                f"Expected --volumes DIR with a candidates CSV. Received: --input {inputs[0]!r} "
+                "and no --volumes"
+            )
+        from finetune_data import load_candidate_cubes
+
+        return load_candidate_cubes(inputs[0], args.volumes, patch, modes[0])
+    cubes, labels, ids = [], [], []
+    have_labels = True
+    for path in inputs:
+        if not path.lower().endswith(".npy") or not os.path.isfile(path):
+            raise PredictInputError(
+                "Expected .npy cube files (N, R, C, D) or one candidates .csv for "
+                f"classification. Received: {path!r}"
+            )
+        x = np.load(path, mmap_mode="r")
+        if x.ndim == 5 and 1 in (x.shape[1], x.shape[-1]):
+            x = x.reshape(x.shape[0], *[n for n in x.shape[1:] if n != 1][:3])
+        if x.ndim != 4 or tuple(x.shape[1:]) != patch:
+            raise PredictInputError(
+                f"Expected cubes of shape (N, {', '.join(map(str, patch))}) (the run's patch) "
+                f"in {path}. Received: shape={tuple(x.shape)}"
+            )
+        # Arrays are fed as they are, as training feeds the original's pre-cut arrays.
+        cubes.append(np.asarray(x, dtype=np.float32))
+        stem = os.path.basename(path)[:-4]
+        ids.extend(f"{stem}:{i}" for i in range(x.shape[0]))
+        # The original's pairs: x_{split}.npy beside y_{split}.npy.
+        folder, name = os.path.split(path)
+        y_path = os.path.join(folder, "y_" + name[2:]) if name.startswith("x_") else ""
+        if y_path and os.path.isfile(y_path):
+            y = np.load(y_path).reshape(-1)
+            if y.shape[0] != x.shape[0]:
+                raise PredictInputError(
+                    f"Expected one label per cube in {y_path}. Received: {y.shape[0]} labels "
+                    f"for {x.shape[0]} cubes in {path}"
+                )
+            labels.append(y.astype(np.int64))
+        else:
+            have_labels = False
+    return np.concatenate(cubes), (np.concatenate(labels) if have_labels else None), ids
+
+
+def predict_cubes(
+    model: Any, cubes: np.ndarray, data_format: str, batch_size: int = 16
+) -> np.ndarray:
+    """Class probabilities of cubes ``(N, R, C, D)`` (one channel).
+
+    Args:
+        model: the classification model, output ``(batch, n_classes)``.
+        cubes: normalised float32 cubes.
+        data_format: the model's layout.
+        batch_size: cubes per model call.
+
+    Returns:
+        ``(N, n_classes)`` float32.
+    """
+    from tqdm import tqdm
+
+    axis = 1 if data_format == "channels_first" else -1
+    out = []
+    for i in tqdm(range(0, len(cubes), batch_size), desc="cubes", unit="batch", leave=False):
+        batch = np.expand_dims(np.asarray(cubes[i : i + batch_size], np.float32), axis)
+        probs = np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+        out.append(probs.reshape(len(batch), -1))
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def write_classification_csv(
+    path: str, ids: Sequence[str], probs: np.ndarray, labels: np.ndarray | None
+) -> None:
+    """Write ``id, prob_0.., predicted[, label]`` rows atomically.
+
+    Args:
+        path: the CSV file.
+        ids: one id per row.
+        probs: ``(N, n_classes)`` probabilities.
+        labels: the true classes, or None.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["id", *[f"prob_{k}" for k in range(probs.shape[1])], "predicted"]
+    writer.writerow(header + (["label"] if labels is not None else []))
+    predicted = _predicted_classes(probs)
+    for i, case_id in enumerate(ids):
+        row = [case_id, *[f"{p:.6g}" for p in probs[i]], int(predicted[i])]
+        writer.writerow(row + ([int(labels[i])] if labels is not None else []))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(buf.getvalue())
+
+
+def _predicted_classes(probs: np.ndarray) -> np.ndarray:
+    # One sigmoid output is the probability of class 1.
+    if probs.shape[1] == 1:
+        return (probs[:, 0] >= 0.5).astype(np.int64)
+    return np.argmax(probs, axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` flags (and its description and example) to `parser`.
+
+    Args:
+        parser: the subcommand's parser.
+    """
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="training run folder")
+    parser.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="DIR_OR_FILES",
+        help="a folder of images, image files, .npy cubes or one candidates .csv",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="PRED_DIR",
+        help="output folder (classification: a .csv file, or a folder for predictions.csv)",
+    )
+    parser.add_argument(
+        "--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)"
+    )
+    parser.add_argument("--batch_size", type=int, default=2, help="windows per model call")
+    parser.add_argument(
+        "--save_probabilities",
+        action="store_true",
+        help="also write {case}.npz: float32 'probabilities' (classes, x, y, z)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="redo cases already written")
+    parser.add_argument(
+        "--no_gaussian",
+        action="store_true",
+        help="weight every voxel of a window alike instead of a Gaussian (sigma 1/8 patch)",
+    )
+    parser.add_argument(
+        "--file_ending",
+        default=None,
+        help="ending of the images in an input folder (default: the run's, e.g. .nii.gz)",
+    )
+    parser.add_argument(
+        "--output_ending",
+        default=None,
+        help="ending of the label maps (default: the input's own; .mhd inputs give .mha)",
+    )
+    parser.add_argument(
+        "--volumes", default=None, metavar="DIR", help="volumes of a candidates CSV"
+    )
+    parser.add_argument(
+        "--model_file", default=None, help="model to load (default RUN_DIR/best_model.keras)"
+    )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.overlap < 1.0:
+        raise PredictInputError(f"Expected 0 <= --overlap < 1. Received: --overlap {args.overlap}")
+    if args.batch_size < 1:
+        raise PredictInputError(
+            f"Expected --batch_size >= 1. Received: --batch_size {args.batch_size}"
+        )
+
+
+def _output_ending(args: argparse.Namespace, first_image: str, config: dict[str, Any]) -> str:
+    ending = args.output_ending or image_ending(first_image) or config.get("file_ending")
+    ending = ending or ".nii.gz"
+    # A MetaImage header + raw pair cannot be renamed into place as one file: write .mha.
+    return ".mha" if ending.lower() == ".mhd" else ending
+
+
+def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
+    from tqdm import tqdm
+
+    from finetune_data import find_images
+
+    is_folder = len(args.input) == 1 and os.path.isdir(args.input[0])
+    # A folder is read with the run's file ending; explicit files may be in any format.
+    file_ending = args.file_ending or (config.get("file_ending") if is_folder else None)
+    cases = find_images(list(args.input), file_ending)
+    if not cases:
+        raise PredictInputError(
+            f"Expected images ending in {file_ending!r} in the input. Received: {args.input}"
+        )
+    n_channels = int(
+        config.get("n_channels")
+        or len(config.get("channel_names") or config.get("intensity") or [0])
+    )
+    for case_id, paths in cases:
+        if len(paths) != n_channels:
+            raise PredictInputError(
+                f"Expected {n_channels} channel file(s) per case, as the model was trained. "
+                f"Received: case {case_id!r} with {paths}"
+            )
+    os.makedirs(args.output, exist_ok=True)
+    values = class_values(config)
+    dtype = _label_dtype(values)
+    done = skipped = 0
+    for case_id, paths in tqdm(cases, desc="predict", unit="case"):
+        out = os.path.join(args.output, case_id + _output_ending(args, paths[0], config))
+        prob = os.path.join(args.output, case_id + ".npz")
+        if (
+            not args.overwrite
+            and os.path.exists(out)
+            and (not args.save_probabilities or os.path.exists(prob))
+        ):
+            skipped += 1
+            continue
+        labels, probs, geometry = predict_case(
+            model,
+            config,
+            paths,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            gaussian=not args.no_gaussian,
+        )
+        if args.save_probabilities:
+            _save_probabilities(prob, probs, values)
+        fv.write_image(labels.astype(dtype), geometry, out)
+        done += 1
+    print(f"predicted {done} case(s), skipped {skipped} already written, into {args.output}")
+    return 0
+
+
+def _run_classification(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
+    cubes, labels, ids = _classification_inputs(args, config)
+    out = args.output
+    if not out.lower().endswith(".csv"):
+        os.makedirs(out, exist_ok=True)
+        out = os.path.join(out, CLASSIFICATION_CSV)
+    elif os.path.dirname(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(out) and not args.overwrite:
+        print(f"{out} exists; pass --overwrite to predict again")
+        return 0
+    probs = predict_cubes(model, cubes, config["data_format"], batch_size=args.batch_size)
+    write_classification_csv(out, ids, probs, labels)
+    print(f"wrote {len(ids)} prediction(s) to {out}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Run ``finetune.py predict`` with parsed flags.
+
+    Args:
+        args: the namespace `add_predict_arguments`' parser returns.
+
+    Returns:
+        0 on success, 2 on bad input (with a one-line error on stderr).
+    """
+    try:
+        _check_args(args)
+        model, config = load_run(args.model, args.model_file)
+        if config["task"] == "classification":
+            return _run_classification(args, model, config)
+        return _run_segmentation(args, model, config)
+    except (ValueError, FileNotFoundError) as e:
+        # PredictInputError and the input errors of finetune_volumes and finetune_data (all
+        # ValueErrors) name the file and say what was expected.
+        print(f"error: {e}", file=sys.stderr)
+        return 2

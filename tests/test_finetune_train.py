@@ -1,0 +1,197 @@
+"""Fine-tuning runs: both tasks, every layout, weights, resume (tiny U-Nets, few steps)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import finetune
+import unet3d
+from finetune_data import FinetuneInputError
+from finetune_helpers import (
+    make_candidates,
+    make_classification_arrays,
+    make_segmentation_arrays,
+    make_segmentation_folder,
+)
+from finetune_trainer import build_model, prepare, weight_file_width
+
+TINY = ["--n_base_filters", "4", "--batch_size", "2", "--verbose", "0"]
+
+
+def _weights(path, n_base_filters=4, channels=1):
+    """A pre-trained-like U-Net weight file (the published network's layout, tiny)."""
+    model = unet3d.unet_model_3d(
+        (channels, 16, 16, 8), batch_normalization=True, n_base_filters=n_base_filters
+    )
+    model.save_weights(str(path))
+    return path
+
+
+def _h5_first_kernel(path):
+    """The first convolution's kernel read straight from the file with h5py."""
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.ndim == 5 and obj.shape[:3] == (3, 3, 3):
+            found.append(obj[()])
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return min(found, key=lambda k: k.shape[-1])
+
+
+def _args(argv):
+    return finetune.build_parser("train").parse_args(["train", *argv])
+
+
+def _log_epochs(run):
+    with open(run / "training_log.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_segmentation_folder_train_then_resume(tmp_path):
+    data = make_segmentation_folder(tmp_path / "data", n_cases=4, size=(20, 20, 12))
+    weights = _weights(tmp_path / "pre.weights.h5")
+    run = tmp_path / "run"
+    argv = [
+        "--data",
+        str(data),
+        "--output",
+        str(run),
+        "--weights",
+        str(weights),
+        "--patch",
+        "16",
+        "16",
+        "8",
+        "--steps_per_epoch",
+        "2",
+        "--validation_steps",
+        "1",
+        *TINY[2:],
+    ]
+    assert finetune.main(["train", *argv, "--epochs", "1"]) == 0
+    for name in (
+        "best_model.keras",
+        "last_checkpoint.npz",
+        "finetune_config.json",
+        "training_log.csv",
+        "curves.png",
+    ):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "finetune_config.json").read_text())
+    assert cfg["task"] == "segmentation" and cfg["patch"] == [16, 16, 8]
+    assert cfg["n_classes"] == 2 and cfg["labels"] == {"background": 0, "tumour": 1}
+    assert cfg["intensity"] == ["ct"] and cfg["n_base_filters"] == 4  # width from the file
+    assert cfg["file_ending"] == ".nii.gz" and cfg["channel_names"] == ["CT"]
+    assert sorted(cfg["train_cases"] + cfg["valid_cases"]) == [f"case_{i:03d}" for i in range(4)]
+    model = keras.models.load_model(run / "best_model.keras")  # needs only `import unet3d`
+    x = np.random.default_rng(0).random((1, 1, 16, 16, 8), dtype=np.float32)
+    p = np.asarray(model.predict_on_batch(x))
+    assert p.shape == (1, 2, 16, 16, 8)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)  # softmax over the class axis
+    assert _log_epochs(run) == [0]
+    # A rerun without --resume refuses; with it, epoch 2 follows and each epoch is logged once.
+    assert finetune.main(["train", *argv, "--epochs", "2"]) == 2
+    assert finetune.main(["train", *argv, "--epochs", "2", "--resume"]) == 0
+    assert _log_epochs(run) == [0, 1]
+    # A resumed run must keep the settings that shape the model.
+    assert (
+        finetune.main(["train", *argv[:-2], "--batch_size", "4", "--epochs", "3", "--resume"]) == 2
+    )
+
+
+@pytest.mark.multibackend
+def test_weights_are_loaded_into_the_unet(tmp_path):
+    weights = _weights(tmp_path / "pre.weights.h5")
+    assert weight_file_width(str(weights)) == (1, 4)
+    model = build_model("segmentation", (16, 16, 8), 1, 3, 4, "channels_last", str(weights))
+    np.testing.assert_array_equal(
+        model.get_layer("depth_0_conv").get_weights()[0], _h5_first_kernel(weights)
+    )
+    assert model.output_shape == (None, 16, 16, 8, 3)
+    cls = build_model(
+        "classification", (16, 16, 8), 1, 2, 4, "channels_first", None, freeze_encoder=True
+    )
+    assert cls.output_shape == (None, 2)
+    assert not cls.get_layer("depth_7_conv").trainable and cls.get_layer("cls_dense").trainable
+
+
+def test_weight_file_that_does_not_fit(tmp_path):
+    data = make_segmentation_folder(tmp_path / "data", n_cases=2)
+    weights = _weights(tmp_path / "pre.weights.h5", n_base_filters=4)
+    base = ["--data", str(data), "--output", str(tmp_path / "r"), "--weights", str(weights)]
+    with pytest.raises(FinetuneInputError, match=r"--n_base_filters 8, but .* trained with 4"):
+        prepare(_args([*base, "--n_base_filters", "8"]))
+    two = _weights(tmp_path / "two.weights.h5", channels=2)
+    with pytest.raises(FinetuneInputError, match=r"1 input channel.*two\.weights\.h5 has 2"):
+        prepare(_args([*base[:-1], str(two), "--patch", "16", "16", "8"]))
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(FinetuneInputError, match=r"junk\.h5"):
+        prepare(_args([*base[:-1], str(tmp_path / "junk.h5")]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["segmentation", "classification"])
+def test_arrays_train(tmp_path, kind):
+    make = make_segmentation_arrays if kind == "segmentation" else make_classification_arrays
+    data = make(tmp_path / "data")
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(run),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--data_format",
+        "channels_last",
+        *TINY,
+    ]
+    assert finetune.main(argv) == 0
+    cfg = json.loads((run / "finetune_config.json").read_text())
+    assert cfg["task"] == kind and cfg["patch"] == [16, 16, 8] and cfg["intensity"] == ["none"]
+    model = keras.models.load_model(run / "best_model.keras")
+    out = model.output_shape
+    assert out == ((None, 16, 16, 8, 2) if kind == "segmentation" else (None, 2))
+
+
+def test_candidates_split_by_series(tmp_path):
+    make_candidates(tmp_path / "data", n_volumes=3, per_volume=4)
+    plan = prepare(
+        _args(
+            [
+                "--data",
+                str(tmp_path / "data"),
+                "--output",
+                str(tmp_path / "r"),
+                "--weights",
+                "none",
+                "--patch",
+                "8",
+                "8",
+                "8",
+                "--batch_size",
+                "2",
+            ]
+        )
+    )
+    cfg = plan.config
+    assert (
+        cfg["task"] == "classification" and cfg["n_classes"] == 2 and cfg["layout"] == "candidates"
+    )
+    assert len(cfg["valid_cases"]) == 1 and len(cfg["train_cases"]) == 2
+    x, y = plan.valid_ds[0]
+    assert x.shape == (2, 1, 8, 8, 8) and y.shape == (2, 2)
+    # Every validation cube comes from the validation series.
+    assert len(plan.valid_ds.indices) == 4 and len(plan.train_ds.indices) == 8

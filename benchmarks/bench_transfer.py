@@ -78,6 +78,8 @@ class Settings:
     finetune_lr: float = 1e-3
     finetune_patience: int = 8
     finetune_validation_steps: int = 8
+    # Channels-last: TensorFlow's CPU convolutions are many times slower channels-first.
+    data_format: str = "channels_last"
     overlap: float = 0.25
     split_seed: int = 0
 
@@ -322,6 +324,7 @@ def finetune_one(
         "finetune_lr",
         "finetune_patience",
         "finetune_validation_steps",
+        "data_format",
         "overlap",
         "test_cases",
         "split_seed",
@@ -365,6 +368,8 @@ def finetune_one(
         out / "cache",
         "--verbose",
         2,
+        "--data_format",
+        s.data_format,
         "--seed",
         seed,
         "--workers",

@@ -72,6 +72,7 @@ def test_mean_iou_hand_and_slow_values():
     assert fm.mean_iou(np.zeros(10), np.zeros(10)) == pytest.approx(1.0)
 
 
+@pytest.mark.multibackend
 def test_mean_iou_agrees_with_the_keras_metric():
     rng = np.random.default_rng(1)
     t = (rng.random((2, 8, 8, 4)) > 0.7).astype(np.float32)

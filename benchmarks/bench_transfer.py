@@ -78,6 +78,10 @@ class Settings:
     finetune_lr: float = 1e-3
     finetune_patience: int = 8
     finetune_validation_steps: int = 8
+    # The original's dice_coef_loss counts the background as a class: at these budgets the best
+    # val_loss is an all-background output (Dice 0 on the tumour). The cross-entropy term of
+    # bce_dice_loss gives every voxel a gradient.
+    finetune_loss: str = "bce_dice_loss"
     # Channels-last: TensorFlow's CPU convolutions are many times slower channels-first.
     data_format: str = "channels_last"
     overlap: float = 0.25
@@ -292,15 +296,13 @@ def case_folder(dst: Path, cases: list[str]) -> Path:
 
 
 def per_case_dice(report_path: Path) -> dict[str, float]:
-    """Foreground Dice per case from `finetune.py evaluate`'s JSON report."""
+    """Foreground Dice per case (the mean over foreground classes) from `finetune.py evaluate`'s
+    JSON report, whose "cases" list has one entry per case and class."""
     report = json.loads(report_path.read_text())
-    cases = report["cases"]
-    found = {}
-    for entry in cases:
-        classes = entry["classes"]
-        values = [c["dice"] for c in (classes.values() if isinstance(classes, dict) else classes)]
-        found[entry["case"]] = float(sum(values) / len(values))
-    return found
+    per_case: dict[str, list[float]] = {}
+    for entry in report["cases"]:
+        per_case.setdefault(entry["case"], []).append(float(entry["dice"]))
+    return {case: statistics.fmean(values) for case, values in per_case.items()}
 
 
 def finetune_one(
@@ -324,6 +326,7 @@ def finetune_one(
         "finetune_lr",
         "finetune_patience",
         "finetune_validation_steps",
+        "finetune_loss",
         "data_format",
         "overlap",
         "test_cases",
@@ -368,6 +371,8 @@ def finetune_one(
         out / "cache",
         "--verbose",
         2,
+        "--loss",
+        s.finetune_loss,
         "--data_format",
         s.data_format,
         "--seed",
@@ -560,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets", type=int, nargs="+", default=None, help="numbers of labelled training cases"
     )
     p.add_argument(
+        "--loss",
+        choices=("dice_coef_loss", "bce_dice_loss"),
+        default=None,
+        help="fine-tuning loss (default: bce_dice_loss)",
+    )
+    p.add_argument(
         "--python", default=sys.executable, help="interpreter that runs the project's commands"
     )
     return p
@@ -581,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = args.seeds
     if args.budgets:
         s.budgets = sorted(args.budgets)
+    if args.loss:
+        s.finetune_loss = args.loss
     out = Path(
         args.out
         or ROOT / "benchmarks" / "results" / f"transfer_{s.scale}{'_tiny' if s.tiny else ''}"

@@ -145,6 +145,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="adam",
         help="default: adam",
     )
+    t.add_argument(
+        "--loss",
+        choices=("dice_coef_loss", "bce_dice_loss"),
+        default="dice_coef_loss",
+        help="segmentation loss, from unet3d: dice_coef_loss (the original's; its Dice counts "
+        "the background too) or bce_dice_loss (adds per-voxel cross-entropy) "
+        "(default: dice_coef_loss)",
+    )
     t.add_argument("--patience", type=int, default=50, help="early stopping (default: 50)")
     t.add_argument("--seed", type=int, default=0, help="split, patches and weights (default: 0)")
     t.add_argument("--workers", type=int, default=1, help="threads making batches (default: 1)")

@@ -292,7 +292,13 @@ def build_model(
     return unet3d.UNet3D(inputs=base.input, outputs=out, name=f"finetune_{task}")
 
 
-def compile_model(model: keras.Model, task: str, optimizer: str, lr: float) -> None:
+# Segmentation losses of unet3d by name; the first is the original's and the default.
+SEGMENTATION_LOSSES = ("dice_coef_loss", "bce_dice_loss")
+
+
+def compile_model(
+    model: keras.Model, task: str, optimizer: str, lr: float, loss: str = "dice_coef_loss"
+) -> None:
     """Compile as the original's downstream tasks: dice_coef_loss, or cross-entropy.
 
     Args:
@@ -300,9 +306,13 @@ def compile_model(model: keras.Model, task: str, optimizer: str, lr: float) -> N
         task: "segmentation" or "classification".
         optimizer: one of `OPTIMIZERS`.
         lr: the learning rate.
+        loss: segmentation only, one of `SEGMENTATION_LOSSES`.
     """
+    if loss not in SEGMENTATION_LOSSES:
+        raise ValueError(f"Expected loss in {SEGMENTATION_LOSSES}. Received: loss={loss!r}")
     if task == "segmentation":
-        loss, metrics = unet3d.dice_coef_loss, [unet3d.mean_iou, unet3d.dice_coef]
+        loss_fn = getattr(unet3d, loss)
+        loss, metrics = loss_fn, [unet3d.mean_iou, unet3d.dice_coef]
     else:
         loss, metrics = "categorical_crossentropy", ["categorical_accuracy"]
     model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metrics)
@@ -679,6 +689,7 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         "validation_steps": len(valid_ds),
         "lr": float(s["lr"]),
         "optimizer": s["optimizer"],
+        "loss": s.get("loss", "dice_coef_loss"),
         "patience": int(s["patience"]),
         "fold": s["fold"],
         "folds": int(s["folds"]),
@@ -756,7 +767,9 @@ def setup(args: argparse.Namespace) -> Session | None:
         plan.weights if state is None else None,
         cfg["freeze_encoder"],
     )
-    compile_model(model, cfg["task"], cfg["optimizer"], cfg["lr"])
+    compile_model(
+        model, cfg["task"], cfg["optimizer"], cfg["lr"], cfg.get("loss", "dice_coef_loss")
+    )
     model.optimizer.build(model.trainable_variables)
     if state is not None:
         load_last_checkpoint(paths["last"], model)

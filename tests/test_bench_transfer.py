@@ -60,7 +60,14 @@ def test_tiny_shrinks_every_budget_and_keeps_three_seeds(bench):
 
 
 def test_per_case_dice_reads_the_evaluation_report(bench, tmp_path):
-    report = {"cases": [{"case": "a", "classes": {"tumour": {"dice": 0.5, "iou": 1 / 3}}}]}
+    report = {
+        "cases": [
+            {"case": "a", "class": "tumour", "dice": 0.5, "iou": 1 / 3},
+            {"case": "b", "class": "tumour", "dice": 0.2, "iou": 0.1},
+            {"case": "b", "class": "oedema", "dice": 0.6, "iou": 0.4},
+        ]
+    }
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
-    assert bench.per_case_dice(path) == {"a": 0.5}
+    dice = bench.per_case_dice(path)
+    assert dice["a"] == 0.5 and dice["b"] == pytest.approx(0.4)

@@ -156,14 +156,29 @@ def test_arrays_train(tmp_path, kind):
         "1",
         "--data_format",
         "channels_last",
+        "--loss",
+        "bce_dice_loss",
         *TINY,
     ]
     assert finetune.main(argv) == 0
     cfg = json.loads((run / "finetune_config.json").read_text())
     assert cfg["task"] == kind and cfg["patch"] == [16, 16, 8] and cfg["intensity"] == ["none"]
+    assert cfg["loss"] == "bce_dice_loss"
     model = keras.models.load_model(run / "best_model.keras")
     out = model.output_shape
     assert out == ((None, 16, 16, 8, 2) if kind == "segmentation" else (None, 2))
+
+
+def test_compile_uses_the_chosen_segmentation_loss():
+    from finetune_trainer import compile_model
+
+    model = build_model("segmentation", (16, 16, 8), 1, 2, 2, "channels_last", None, False)
+    compile_model(model, "segmentation", "adam", 1e-3)
+    assert model.loss is unet3d.dice_coef_loss  # the original's default
+    compile_model(model, "segmentation", "adam", 1e-3, "bce_dice_loss")
+    assert model.loss is unet3d.bce_dice_loss
+    with pytest.raises(ValueError, match="Expected loss in"):
+        compile_model(model, "segmentation", "adam", 1e-3, "focal")
 
 
 def test_candidates_split_by_series(tmp_path):

@@ -82,6 +82,8 @@ class Settings:
     # val_loss is an all-background output (Dice 0 on the tumour). The cross-entropy term of
     # bce_dice_loss gives every voxel a gradient.
     finetune_loss: str = "bce_dice_loss"
+    # Keras' 0.99 leaves the inference statistics far behind the weights after ~100 steps.
+    bn_momentum: float = 0.9
     # Channels-last: TensorFlow's CPU convolutions are many times slower channels-first.
     data_format: str = "channels_last"
     overlap: float = 0.25
@@ -327,6 +329,7 @@ def finetune_one(
         "finetune_patience",
         "finetune_validation_steps",
         "finetune_loss",
+        "bn_momentum",
         "data_format",
         "overlap",
         "test_cases",
@@ -373,6 +376,8 @@ def finetune_one(
         2,
         "--loss",
         s.finetune_loss,
+        "--bn_momentum",
+        s.bn_momentum,
         "--data_format",
         s.data_format,
         "--seed",

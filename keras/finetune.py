@@ -153,6 +153,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "the background too) or bce_dice_loss (adds per-voxel cross-entropy) "
         "(default: dice_coef_loss)",
     )
+    t.add_argument(
+        "--bn_momentum",
+        type=float,
+        default=None,
+        help="momentum of the batch normalization statistics that inference uses; lower "
+        "(e.g. 0.9) for short runs (default: Keras' 0.99)",
+    )
     t.add_argument("--patience", type=int, default=50, help="early stopping (default: 50)")
     t.add_argument("--seed", type=int, default=0, help="split, patches and weights (default: 0)")
     t.add_argument("--workers", type=int, default=1, help="threads making batches (default: 1)")

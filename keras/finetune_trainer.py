@@ -292,6 +292,29 @@ def build_model(
     return unet3d.UNet3D(inputs=base.input, outputs=out, name=f"finetune_{task}")
 
 
+def set_bn_momentum(model: keras.Model, momentum: float | None) -> int:
+    """Set the momentum of every batch normalization layer (None keeps Keras' 0.99).
+
+    At 0.99 the moving statistics that inference uses follow the weights over a few hundred
+    steps; a short fine-tuning run ends before they catch up with what training changed.
+
+    Args:
+        model: the fine-tuning model.
+        momentum: in [0, 1), or None.
+
+    Returns:
+        How many layers were set.
+    """
+    if momentum is None:
+        return 0
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"Expected bn_momentum in [0, 1). Received: bn_momentum={momentum!r}")
+    layers = [x for x in model._flatten_layers() if isinstance(x, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
+
+
 # Segmentation losses of unet3d by name; the first is the original's and the default.
 SEGMENTATION_LOSSES = ("dice_coef_loss", "bce_dice_loss")
 
@@ -690,6 +713,7 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         "lr": float(s["lr"]),
         "optimizer": s["optimizer"],
         "loss": s.get("loss", "dice_coef_loss"),
+        "bn_momentum": s.get("bn_momentum"),
         "patience": int(s["patience"]),
         "fold": s["fold"],
         "folds": int(s["folds"]),
@@ -767,6 +791,7 @@ def setup(args: argparse.Namespace) -> Session | None:
         plan.weights if state is None else None,
         cfg["freeze_encoder"],
     )
+    set_bn_momentum(model, cfg.get("bn_momentum"))
     compile_model(
         model, cfg["task"], cfg["optimizer"], cfg["lr"], cfg.get("loss", "dice_coef_loss")
     )

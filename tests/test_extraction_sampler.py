@@ -343,7 +343,7 @@ def test_real_ct_matches_loop_reference(chest_xyz, seed):
 
 
 @pytest.mark.parametrize("seed, attempts", [(1, 178), (2, 220)])
-def test_real_ct_full_scale_matches_reference_and_the_original_attempt_counts(chest_xyz, seed, attempts):
+def test_real_ct_full_scale_matches_reference_and_original_attempts(chest_xyz, seed, attempts):
     """Scale 32, as the original runs: same cubes as the reference, and the attempt counts of the
     original's run on this scan."""
     c = setup_config(scale=32)

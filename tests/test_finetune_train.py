@@ -181,6 +181,20 @@ def test_compile_uses_the_chosen_segmentation_loss():
         compile_model(model, "segmentation", "adam", 1e-3, "focal")
 
 
+def test_bn_momentum_is_set_on_every_batch_norm_layer():
+    from finetune_trainer import set_bn_momentum
+
+    model = build_model("segmentation", (16, 16, 8), 1, 2, 2, "channels_last", None, False)
+    bns = [x for x in model.layers if isinstance(x, keras.layers.BatchNormalization)]
+    assert bns and all(b.momentum == 0.99 for b in bns)
+    assert set_bn_momentum(model, None) == 0 and bns[0].momentum == 0.99
+    assert set_bn_momentum(model, 0.9) == len(bns)
+    assert all(b.momentum == 0.9 for b in bns)
+    assert bns[0].get_config()["momentum"] == 0.9  # saved with the model
+    with pytest.raises(ValueError, match="bn_momentum"):
+        set_bn_momentum(model, 1.0)
+
+
 def test_candidates_split_by_series(tmp_path):
     make_candidates(tmp_path / "data", n_volumes=3, per_volume=4)
     plan = prepare(

@@ -106,7 +106,7 @@ class Settings:
             s.pretrain_batch_size = 2
             s.test_cases = 2
             s.budgets = [2, 4]
-            s.seeds = [0, 1, 2]
+            s.seeds = [0]  # a smoke test: every stage once per cell
             s.finetune_epochs, s.finetune_steps, s.finetune_batch_size = 1, 2, 2
             s.overlap = 0.0
         return s

@@ -52,10 +52,11 @@ def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
     assert not bench.stage_done(tmp_path, s.digest("n_base_filters", "finetune_lr"))
 
 
-def test_tiny_shrinks_every_budget_and_keeps_three_seeds(bench):
+def test_tiny_shrinks_every_budget(bench):
     full, tiny = bench.Settings.for_scale("gpu", False), bench.Settings.for_scale("gpu", True)
     assert full.n_base_filters == 32 and tiny.n_base_filters < full.n_base_filters
-    assert tiny.finetune_epochs < full.finetune_epochs and len(tiny.seeds) == 3
+    assert tiny.finetune_epochs < full.finetune_epochs and len(full.seeds) == 3
+    assert len(tiny.seeds) < len(full.seeds) and max(tiny.budgets) < max(full.budgets)
     assert json.dumps(bench.dataclasses.asdict(tiny))  # the settings file is plain JSON
 
 

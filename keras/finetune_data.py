@@ -36,6 +36,7 @@ from typing import Any
 import keras
 import numpy as np
 
+import unet3d
 from finetune_volumes import (
     INTENSITY_MODES,
     Geometry,
@@ -125,8 +126,7 @@ def check_patch(patch: Sequence[int]) -> tuple[int, int, int]:
         raise FinetuneInputError(f"Expected --patch R C D (three sizes). Received: {patch}")
     for axis, size in zip(("R", "C", "D"), patch, strict=True):
         if size < 1 or size % PATCH_FACTOR:
-            lower = max(PATCH_FACTOR, size // PATCH_FACTOR * PATCH_FACTOR)
-            upper = max(PATCH_FACTOR, -(-size // PATCH_FACTOR) * PATCH_FACTOR)
+            lower, upper = unet3d.valid_spatial_sizes(size, PATCH_FACTOR)
             nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
             raise FinetuneInputError(
                 f"Expected every --patch size divisible by {PATCH_FACTOR} (the U-Net pools "

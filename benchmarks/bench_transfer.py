@@ -88,6 +88,8 @@ class Settings:
     data_format: str = "channels_last"
     overlap: float = 0.25
     split_seed: int = 0
+    # Fine-tune only the decoder and head of the Genesis runs (scratch runs train everything).
+    freeze_encoder: bool = False
 
     @classmethod
     def for_scale(cls, scale: str, tiny: bool) -> Settings:
@@ -141,6 +143,28 @@ def run(cmd: list[str], log_path: Path) -> float:
     return seconds
 
 
+def clear_stage(folder: Path) -> None:
+    """Remove a stage's outputs, or only the link when they were borrowed with --reuse."""
+    if folder.is_symlink():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def borrow_stage(folder: Path, reuse: Path | None, digest: str) -> bool:
+    """Link `folder` to the same stage of the run in `reuse` when it was done with the same
+    settings. Returns whether the stage is now done."""
+    if stage_done(folder, digest):
+        return True
+    if reuse is None or not stage_done(reuse / folder.name, digest):
+        return False
+    clear_stage(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to((reuse / folder.name).resolve(), target_is_directory=True)
+    log(f"{folder.name}: borrowed from {reuse}")
+    return True
+
+
 def stage_done(folder: Path, digest: str) -> bool:
     stamp = folder / "stage.done"
     return stamp.exists() and stamp.read_text().strip() == digest
@@ -157,14 +181,14 @@ def mark_done(folder: Path, digest: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def extract(s: Settings, out: Path, py: str, times: dict) -> Path:
+def extract(s: Settings, out: Path, py: str, times: dict, reuse: Path | None = None) -> Path:
     """Cubes: fold 0 from the LIDC chest CT (training), fold 1 from the other patient (held out)."""
     folder = out / "cubes"
     digest = s.digest("train_scale")
-    if stage_done(folder, digest):
+    if borrow_stage(folder, reuse, digest):
         log(f"extraction: kept {folder}")
         return folder
-    shutil.rmtree(folder, ignore_errors=True)
+    clear_stage(folder)
     (folder / "volumes").mkdir(parents=True)
     t = 0.0
     # The trainer reads one scale for every fold: the held-out fold is cut at the same scale and
@@ -194,7 +218,9 @@ def extract(s: Settings, out: Path, py: str, times: dict) -> Path:
     return folder
 
 
-def pretrain(s: Settings, out: Path, py: str, cubes: Path, times: dict) -> tuple[Path, list[dict]]:
+def pretrain(
+    s: Settings, out: Path, py: str, cubes: Path, times: dict, reuse: Path | None = None
+) -> tuple[Path, list[dict]]:
     """Pre-train on fold 0; validate on the held-out fold 1. Returns the weights and CSV rows."""
     folder = out / "pretrain"
     digest = s.digest(
@@ -207,8 +233,8 @@ def pretrain(s: Settings, out: Path, py: str, cubes: Path, times: dict) -> tuple
         "pretrain_lr",
     )
     weights = folder / "Vnet-genesis_chest_ct.h5"
-    if not stage_done(folder, digest):
-        shutil.rmtree(folder, ignore_errors=True)
+    if not borrow_stage(folder, reuse, digest):
+        clear_stage(folder)
         folder.mkdir(parents=True)
         times["pretrain_s"] = round(
             run(
@@ -339,6 +365,8 @@ def finetune_one(
             if init == "genesis"
             else ()
         ),
+        # Only named when on, so that the stamps of runs without it stay valid.
+        *(("freeze_encoder",) if init == "genesis" and s.freeze_encoder else ()),
     )
     result_path = folder / "result.json"
     if stage_done(folder, digest) and result_path.exists():
@@ -387,6 +415,8 @@ def finetune_one(
     ]
     if init == "scratch":
         cmd += ["--n_base_filters", s.n_base_filters]
+    elif s.freeze_encoder:
+        cmd += ["--freeze_encoder"]
     t_train = run(cmd, folder / "train.log")
     t_pred = run(
         [
@@ -495,6 +525,8 @@ def plot(
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for init, colour in zip(INITS, ("tab:red", "tab:blue"), strict=True):
         cell = [r for r in rows if r["init"] == init]
+        if not cell:
+            continue
         xs = [r["budget"] for r in cell]
         ax1.errorbar(
             xs,
@@ -532,6 +564,38 @@ def plot(
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def apply_overrides(s: Settings, items: list[str]) -> None:
+    """Set fields of `s` from NAME=VALUE strings, each value read as its field's type.
+
+    Raises:
+        SystemExit: an unknown name or a value that is not of the field's type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields or name in ("scale", "tiny"):
+            raise SystemExit(
+                "Expected --set NAME=VALUE with NAME a setting other than scale and tiny "
+                f"({', '.join(n for n in fields if n not in ('scale', 'tiny'))}). "
+                f"Received: --set {item!r}"
+            )
+        kind = str(fields[name].type)
+        try:
+            if kind == "bool":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                parsed: Any = value.lower() in ("true", "1")
+            elif kind.startswith("list"):
+                parsed = [int(v) for v in value.replace(",", " ").split()]
+            else:
+                parsed = {"int": int, "float": float, "str": str}[kind](value)
+        except ValueError:
+            raise SystemExit(
+                f"Expected a value of type {kind} for {name}. Received: --set {item!r}"
+            ) from None
+        setattr(s, name, parsed)
 
 
 def git_commit() -> str:
@@ -576,6 +640,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning loss (default: bce_dice_loss)",
     )
     p.add_argument(
+        "--inits",
+        nargs="+",
+        choices=INITS,
+        default=list(INITS),
+        help="initialisations to fine-tune from (default: both)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change one setting of the chosen scale, e.g. --set pretrain_lr=1.0 "
+        "--set freeze_encoder=true (repeatable; the names are those printed at start)",
+    )
+    p.add_argument(
+        "--reuse",
+        default=None,
+        help="an earlier run's --out: its extraction, pre-training and preprocessed volumes "
+        "are linked instead of redone when their settings are the same",
+    )
+    p.add_argument(
         "--python", default=sys.executable, help="interpreter that runs the project's commands"
     )
     return p
@@ -599,6 +685,15 @@ def main(argv: list[str] | None = None) -> int:
         s.budgets = sorted(args.budgets)
     if args.loss:
         s.finetune_loss = args.loss
+    apply_overrides(s, args.overrides)
+    reuse = Path(args.reuse) if args.reuse else None
+    if reuse is not None and not (reuse / "settings.json").exists():
+        print(
+            f"error: expected --reuse to be an earlier run's output folder with a "
+            f"settings.json. Received: --reuse {args.reuse}",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(
         args.out
         or ROOT / "benchmarks" / "results" / f"transfer_{s.scale}{'_tiny' if s.tiny else ''}"
@@ -609,8 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     times: dict[str, Any] = {}
 
-    cubes = extract(s, out, args.python, times)
-    weights, pretrain_rows = pretrain(s, out, args.python, cubes, times)
+    if reuse is not None and (reuse / "cache").is_dir() and not (out / "cache").exists():
+        (out / "cache").symlink_to((reuse / "cache").resolve(), target_is_directory=True)
+    cubes = extract(s, out, args.python, times, reuse)
+    weights, pretrain_rows = pretrain(s, out, args.python, cubes, times, reuse)
     test, train = split_cases(s, out)
     test_dir = case_folder(out / "test_cases", test)
     log(f"held-out test cases ({len(test)}): {' '.join(test)}")
@@ -618,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for budget in s.budgets:
         for seed in s.seeds:
-            for init in INITS:
+            for init in args.inits:
                 r = finetune_one(s, out, args.python, init, budget, seed, weights, train, test_dir)
                 log(f"{r['name']}: mean Dice {r['mean_dice']:.3f} (train {r['train_s']} s)")
                 runs.append(r)

@@ -72,3 +72,53 @@ def test_per_case_dice_reads_the_evaluation_report(bench, tmp_path):
     path.write_text(json.dumps(report))
     dice = bench.per_case_dice(path)
     assert dice["a"] == 0.5 and dice["b"] == pytest.approx(0.4)
+
+
+def test_set_reads_each_value_as_its_settings_type(bench):
+    s = bench.Settings()
+    bench.apply_overrides(
+        s,
+        [
+            "pretrain_lr=1.0",
+            "pretrain_epochs=2",
+            "freeze_encoder=true",
+            "budgets=7,28",
+            "finetune_loss=dice_coef_loss",
+        ],
+    )
+    assert s.pretrain_lr == 1.0 and isinstance(s.pretrain_lr, float)
+    assert s.pretrain_epochs == 2 and isinstance(s.pretrain_epochs, int)
+    assert s.freeze_encoder is True and s.budgets == [7, 28]
+    assert s.finetune_loss == "dice_coef_loss"
+    bench.apply_overrides(s, ["freeze_encoder=0"])
+    assert s.freeze_encoder is False
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("pretrain_lr", "NAME=VALUE"),
+        ("no_such_setting=1", "no_such_setting"),
+        ("scale=gpu", "other than scale"),
+        ("pretrain_epochs=two", "Expected a value of type int for pretrain_epochs"),
+        ("freeze_encoder=maybe", "Expected a value of type bool"),
+    ],
+)
+def test_set_refuses_unknown_names_and_bad_values(bench, item, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.apply_overrides(bench.Settings(), [item])
+
+
+def test_reuse_links_a_stage_only_with_the_same_settings(bench, tmp_path):
+    earlier, now = tmp_path / "earlier", tmp_path / "now"
+    (earlier / "pretrain").mkdir(parents=True)
+    (earlier / "pretrain" / "weights.h5").write_text("w")
+    bench.mark_done(earlier / "pretrain", "abc")
+    assert not bench.borrow_stage(now / "pretrain", earlier, "other")
+    assert not (now / "pretrain").exists()
+    assert bench.borrow_stage(now / "pretrain", earlier, "abc")
+    assert (now / "pretrain").is_symlink()
+    assert (now / "pretrain" / "weights.h5").read_text() == "w"
+    # Redoing the stage removes the link, never the earlier run's outputs.
+    bench.clear_stage(now / "pretrain")
+    assert not (now / "pretrain").exists() and (earlier / "pretrain" / "weights.h5").exists()

@@ -122,3 +122,45 @@ def test_reuse_links_a_stage_only_with_the_same_settings(bench, tmp_path):
     # Redoing the stage removes the link, never the earlier run's outputs.
     bench.clear_stage(now / "pretrain")
     assert not (now / "pretrain").exists() and (earlier / "pretrain" / "weights.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def variants_script():
+    spec = importlib.util.spec_from_file_location(
+        "plot_transfer_variants", ROOT / "benchmarks" / "plot_transfer_variants.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_table_lists_each_seed_and_the_mean(variants_script, tmp_path, capsys):
+    base, frozen = tmp_path / "base", tmp_path / "frozen"
+    for folder, runs in (
+        (
+            base,
+            [
+                {"init": "genesis", "budget": 7, "seed": 1, "mean_dice": 0.3},
+                {"init": "genesis", "budget": 7, "seed": 0, "mean_dice": 0.1},
+                {"init": "scratch", "budget": 7, "seed": 0, "mean_dice": 0.0},
+                {"init": "genesis", "budget": 28, "seed": 0, "mean_dice": 0.9},
+            ],
+        ),
+        (frozen, [{"init": "genesis", "budget": 7, "seed": 0, "mean_dice": 0.25}]),
+    ):
+        folder.mkdir()
+        (folder / "transfer.json").write_text(json.dumps({"runs": runs}))
+    png = tmp_path / "v.png"
+    variants_script.main(
+        ["--variant", f"as run={base}", "--variant", f"frozen={frozen}", "--png", str(png)]
+    )
+    out = capsys.readouterr().out
+    # seeds sorted; mean of 0.1 and 0.3 is 0.2, sample std 0.2 / sqrt(2) = 0.141
+    assert "| as run | genesis | 2 | 0.100, 0.300 | 0.200 | 0.141 |" in out
+    assert "| as run | scratch | 1 | 0.000 | 0.000 | 0.000 |" in out
+    assert "| frozen | genesis | 1 | 0.250 |" in out and "frozen | scratch" not in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="Expected runs with 3 labelled cases"):
+        variants_script.main(["--budget", "3", "--variant", f"x={base}"])
+    with pytest.raises(SystemExit, match="bench_transfer.py output folder"):
+        variants_script.main(["--variant", f"x={tmp_path / 'none'}"])

@@ -527,6 +527,14 @@ def prepare(args: argparse.Namespace) -> RunPlan:
     task = s["task"]
     seed, bs = int(s["seed"]), int(s["batch_size"])
     common = dict(workers=int(s["workers"]), use_multiprocessing=False, max_queue_size=10)
+
+    def array_batches(x, t, n_classes: int, training: bool, indices) -> ArrayBatches:
+        # Training batches are shuffled each epoch; validation batches are the same each epoch.
+        steps = s["steps_per_epoch"] if training else s["validation_steps"]
+        return ArrayBatches(
+            x, t, n_classes, bs, seed, s["data_format"], training, steps, indices, **common
+        )
+
     config: dict[str, Any] = {}
     if layout == "volumes":
         if task not in (None, "segmentation"):
@@ -604,30 +612,8 @@ def prepare(args: argparse.Namespace) -> RunPlan:
             train_ids, valid_ids = tr, va
         else:
             train_ids, valid_ids = ["x_train"], ["x_valid"]
-        train_ds = ArrayBatches(
-            x_tr,
-            t_tr,
-            n_classes,
-            bs,
-            seed,
-            s["data_format"],
-            True,
-            s["steps_per_epoch"],
-            tr_idx,
-            **common,
-        )
-        valid_ds = ArrayBatches(
-            x_va,
-            t_va,
-            n_classes,
-            bs,
-            seed,
-            s["data_format"],
-            False,
-            s["validation_steps"],
-            va_idx,
-            **common,
-        )
+        train_ds = array_batches(x_tr, t_tr, n_classes, True, tr_idx)
+        valid_ds = array_batches(x_va, t_va, n_classes, False, va_idx)
         config.update(
             labels={"background": 0, "foreground": 1} if task == "segmentation" else None,
             channel_names=["prepared"],
@@ -656,30 +642,8 @@ def prepare(args: argparse.Namespace) -> RunPlan:
         va_idx = np.array([i for i, c in enumerate(cases) if c in valid_set], np.int64)
         tr_idx = np.array([i for i, c in enumerate(cases) if c not in valid_set], np.int64)
         n_classes, n_channels = max(2, int(source.labels.max()) + 1), 1
-        train_ds = ArrayBatches(
-            source.cubes,
-            source.labels,
-            n_classes,
-            bs,
-            seed,
-            s["data_format"],
-            True,
-            s["steps_per_epoch"],
-            tr_idx,
-            **common,
-        )
-        valid_ds = ArrayBatches(
-            source.cubes,
-            source.labels,
-            n_classes,
-            bs,
-            seed,
-            s["data_format"],
-            False,
-            s["validation_steps"],
-            va_idx,
-            **common,
-        )
+        train_ds = array_batches(source.cubes, source.labels, n_classes, True, tr_idx)
+        valid_ds = array_batches(source.cubes, source.labels, n_classes, False, va_idx)
         config.update(
             labels=None,
             channel_names=["CT"],

@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--loss",
-        choices=("dice_coef_loss", "bce_dice_loss"),
+        choices=("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss"),
         default=None,
         help="fine-tuning loss (default: bce_dice_loss)",
     )

@@ -147,11 +147,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--loss",
-        choices=("dice_coef_loss", "bce_dice_loss"),
+        choices=("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss"),
         default="dice_coef_loss",
         help="segmentation loss, from unet3d: dice_coef_loss (the original's; its Dice counts "
-        "the background too) or bce_dice_loss (adds per-voxel cross-entropy) "
-        "(default: dice_coef_loss)",
+        "the background too), bce_dice_loss (adds per-voxel cross-entropy) or "
+        "bce_foreground_dice_loss (cross-entropy and the Dice of the foreground alone, which "
+        "an all-background output cannot score on) (default: dice_coef_loss)",
     )
     t.add_argument(
         "--bn_momentum",

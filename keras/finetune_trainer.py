@@ -316,11 +316,16 @@ def set_bn_momentum(model: keras.Model, momentum: float | None) -> int:
 
 
 # Segmentation losses of unet3d by name; the first is the original's and the default.
-SEGMENTATION_LOSSES = ("dice_coef_loss", "bce_dice_loss")
+SEGMENTATION_LOSSES = ("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss")
 
 
 def compile_model(
-    model: keras.Model, task: str, optimizer: str, lr: float, loss: str = "dice_coef_loss"
+    model: keras.Model,
+    task: str,
+    optimizer: str,
+    lr: float,
+    loss: str = "dice_coef_loss",
+    data_format: str = "channels_first",
 ) -> None:
     """Compile as the original's downstream tasks: dice_coef_loss, or cross-entropy.
 
@@ -329,13 +334,21 @@ def compile_model(
         task: "segmentation" or "classification".
         optimizer: one of `OPTIMIZERS`.
         lr: the learning rate.
-        loss: segmentation only, one of `SEGMENTATION_LOSSES`.
+        loss: segmentation only, one of `SEGMENTATION_LOSSES`. With
+            ``bce_foreground_dice_loss`` the Dice of the foreground alone is logged too
+            (``foreground_dice_coef``).
+        data_format: the model's, for the foreground loss's channel axis.
     """
     if loss not in SEGMENTATION_LOSSES:
         raise ValueError(f"Expected loss in {SEGMENTATION_LOSSES}. Received: loss={loss!r}")
     if task == "segmentation":
-        loss_fn = getattr(unet3d, loss)
-        loss, metrics = loss_fn, [unet3d.mean_iou, unet3d.dice_coef]
+        metrics = [unet3d.mean_iou, unet3d.dice_coef]
+        if loss == "bce_foreground_dice_loss":
+            loss_fn = unet3d.bce_foreground_dice_loss(data_format)
+            metrics.append(unet3d.foreground_dice_metric(data_format))
+        else:
+            loss_fn = getattr(unet3d, loss)
+        loss = loss_fn
     else:
         loss, metrics = "categorical_crossentropy", ["categorical_accuracy"]
     model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metrics)
@@ -757,7 +770,12 @@ def setup(args: argparse.Namespace) -> Session | None:
     )
     set_bn_momentum(model, cfg.get("bn_momentum"))
     compile_model(
-        model, cfg["task"], cfg["optimizer"], cfg["lr"], cfg.get("loss", "dice_coef_loss")
+        model,
+        cfg["task"],
+        cfg["optimizer"],
+        cfg["lr"],
+        cfg.get("loss", "dice_coef_loss"),
+        cfg["data_format"],
     )
     model.optimizer.build(model.trainable_variables)
     if state is not None:
@@ -787,6 +805,8 @@ def setup(args: argparse.Namespace) -> Session | None:
         restore=None if state is None else state.reduce_lr,
     )
     metric = "dice_coef" if cfg["task"] == "segmentation" else "categorical_accuracy"
+    if cfg["task"] == "segmentation" and cfg.get("loss") == "bce_foreground_dice_loss":
+        metric = "foreground_dice_coef"
     callbacks = [
         EpochSetter([plan.train_ds]),
         best_cb,

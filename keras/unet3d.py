@@ -702,6 +702,79 @@ def bce_dice_loss(y_true: Any, y_pred: Any) -> Any:
     return 0.5 * bce - dice_coef(y_true, y_pred)
 
 
+def foreground_dice_coef(
+    y_true: Any, y_pred: Any, channel_axis: int = 1, smooth: float = 1.0
+) -> Any:
+    """`dice_coef` of the foreground channels only: channel 0, the background, left out.
+
+    With one-hot targets and a softmax output, `dice_coef` counts the background too, so an
+    output that is background everywhere already scores ``1 - f`` on patches whose foreground
+    fraction is ``f``. This Dice is 0 for it.
+
+    Args:
+        y_true: one-hot targets in [0, 1], at least two channels along `channel_axis`.
+        y_pred: probabilities in [0, 1], same shape.
+        channel_axis: 1 (channels-first) or -1 (channels-last).
+        smooth: added to numerator and denominator.
+
+    Returns:
+        A scalar tensor.
+    """
+    n = y_true.shape[channel_axis]
+    if n is None or n < 2:
+        raise ValueError(
+            f"Expected at least two channels (background first) on axis {channel_axis}. "
+            f"Received: y_true.shape={tuple(y_true.shape)}"
+        )
+    keep = list(range(1, n))
+    return dice_coef(
+        ops.take(y_true, keep, axis=channel_axis), ops.take(y_pred, keep, axis=channel_axis), smooth
+    )
+
+
+def bce_foreground_dice_loss(data_format: str = "channels_first"):
+    """``0.5 * binary_crossentropy - foreground_dice_coef``: `bce_dice_loss` with the Dice of
+    the foreground channels, for one-hot targets and a softmax output.
+
+    Args:
+        data_format: where the channel axis is, "channels_first" or "channels_last".
+
+    Returns:
+        A loss function ``(y_true, y_pred) -> tensor``, named ``bce_foreground_dice_loss``.
+    """
+    if data_format not in ("channels_first", "channels_last"):
+        raise ValueError(
+            "Expected data_format 'channels_first' or 'channels_last'. "
+            f"Received: data_format={data_format!r}"
+        )
+    axis = 1 if data_format == "channels_first" else -1
+
+    def bce_foreground_dice_loss(y_true: Any, y_pred: Any) -> Any:
+        t, p = ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")
+        bce = keras.losses.binary_crossentropy(t, p)
+        return 0.5 * bce - foreground_dice_coef(t, p, axis)
+
+    return bce_foreground_dice_loss
+
+
+def foreground_dice_metric(data_format: str = "channels_first"):
+    """`foreground_dice_coef` as a Keras metric function named ``foreground_dice_coef``.
+
+    Args:
+        data_format: "channels_first" or "channels_last".
+
+    Returns:
+        A function ``(y_true, y_pred) -> scalar``.
+    """
+    axis = 1 if data_format == "channels_first" else -1
+
+    def foreground_dice_coef_(y_true: Any, y_pred: Any) -> Any:
+        return foreground_dice_coef(y_true, y_pred, axis)
+
+    foreground_dice_coef_.__name__ = "foreground_dice_coef"
+    return foreground_dice_coef_
+
+
 def mean_iou(y_true: Any, y_pred: Any) -> Any:
     """Mean over thresholds 0.5, 0.55, .., 0.95 of the two-class mean IoU of ``y_pred > t``.
 

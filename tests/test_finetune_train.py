@@ -144,6 +144,7 @@ def test_arrays_train(tmp_path, kind):
     make = make_segmentation_arrays if kind == "segmentation" else make_classification_arrays
     data = make(tmp_path / "data")
     run = tmp_path / "run"
+    loss = "bce_foreground_dice_loss" if kind == "segmentation" else "bce_dice_loss"
     argv = [
         "train",
         "--data",
@@ -157,13 +158,16 @@ def test_arrays_train(tmp_path, kind):
         "--data_format",
         "channels_last",
         "--loss",
-        "bce_dice_loss",
+        loss,
         *TINY,
     ]
     assert finetune.main(argv) == 0
     cfg = json.loads((run / "finetune_config.json").read_text())
     assert cfg["task"] == kind and cfg["patch"] == [16, 16, 8] and cfg["intensity"] == ["none"]
-    assert cfg["loss"] == "bce_dice_loss"
+    assert cfg["loss"] == loss
+    if kind == "segmentation":  # the foreground loss logs the foreground Dice too
+        header = (run / "training_log.csv").read_text().splitlines()[0].split(",")
+        assert "foreground_dice_coef" in header and "val_foreground_dice_coef" in header
     model = keras.models.load_model(run / "best_model.keras")
     out = model.output_shape
     assert out == ((None, 16, 16, 8, 2) if kind == "segmentation" else (None, 2))
@@ -177,6 +181,13 @@ def test_compile_uses_the_chosen_segmentation_loss():
     assert model.loss is unet3d.dice_coef_loss  # the original's default
     compile_model(model, "segmentation", "adam", 1e-3, "bce_dice_loss")
     assert model.loss is unet3d.bce_dice_loss
+    compile_model(model, "segmentation", "adam", 1e-3, "bce_foreground_dice_loss", "channels_last")
+    assert model.loss.__name__ == "bce_foreground_dice_loss"
+    t = np.zeros((1, 16, 16, 8, 2), "float32")
+    t[..., 0] = 1
+    # All background: the foreground Dice term is smooth / (0 + 0 + smooth) = 1 here (no
+    # foreground anywhere), so the loss is 0.5 * bce - 1 with bce ~ 0 for exact predictions.
+    assert float(np.mean(model.loss(t, t))) == pytest.approx(-1.0, abs=1e-4)
     with pytest.raises(ValueError, match="Expected loss in"):
         compile_model(model, "segmentation", "adam", 1e-3, "focal")
 

@@ -409,6 +409,56 @@ def test_metrics_hand_values():
     assert float(unet3d.dice_coef(z, z)) == pytest.approx(1.0)
 
 
+@pytest.mark.multibackend
+@pytest.mark.parametrize("data_format", ["channels_first", "channels_last"])
+def test_foreground_dice_leaves_the_background_out(data_format):
+    rng = np.random.default_rng(7)
+    fg = (rng.random((2, 4, 4, 4)) > 0.7).astype("float32")
+    prob = rng.random((2, 4, 4, 4)).astype("float32")
+    axis = 1 if data_format == "channels_first" else -1
+    t = np.stack([1 - fg, fg], axis=axis)
+    p = np.stack([1 - prob, prob], axis=axis)
+    want = _np_dice(fg, prob)  # the Dice of the foreground channel alone
+    got = unet3d.foreground_dice_coef(t, p, channel_axis=axis)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(unet3d.dice_coef(t, p)) != pytest.approx(want, rel=1e-3)
+    pc = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    bce = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+    loss = np.asarray(unet3d.bce_foreground_dice_loss(data_format)(t, p))
+    np.testing.assert_allclose(loss, 0.5 * bce.mean(axis=-1) - want, rtol=1e-5, atol=1e-6)
+    metric = unet3d.foreground_dice_metric(data_format)
+    assert metric.__name__ == "foreground_dice_coef"
+    assert float(metric(t, p)) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.multibackend
+def test_foreground_dice_of_an_all_background_output_is_near_zero():
+    # 1 foreground voxel of 64: the background-inclusive Dice of an all-background output is
+    # (2 * 63 + 1) / (64 + 64 + 1); the foreground Dice is 1 / (1 + 0 + 1) = 0.5 through the
+    # smoothing, and 1 / 101 with 100 foreground voxels.
+    t = np.zeros((1, 2, 4, 4, 4), "float32")
+    t[:, 0] = 1
+    t[0, 0, 0, 0, 0], t[0, 1, 0, 0, 0] = 0, 1
+    p = np.zeros_like(t)
+    p[:, 0] = 1
+    assert float(unet3d.dice_coef(t, p)) == pytest.approx(127 / 129)
+    assert float(unet3d.foreground_dice_coef(t, p)) == pytest.approx(1 / 2)
+    big = np.zeros((1, 2, 10, 10, 1), "float32")
+    big[:, 1] = 1
+    none = np.zeros_like(big)
+    none[:, 0] = 1
+    assert float(unet3d.foreground_dice_coef(big, none)) == pytest.approx(1 / 101)
+
+
+def test_foreground_dice_refuses_one_channel_and_bad_formats():
+    with pytest.raises(ValueError, match="at least two channels"):
+        unet3d.foreground_dice_coef(
+            np.zeros((1, 1, 4, 4, 4), "float32"), np.zeros((1, 1, 4, 4, 4), "float32")
+        )
+    with pytest.raises(ValueError, match="Expected data_format"):
+        unet3d.bce_foreground_dice_loss("NCDHW")
+
+
 # ------------------------------------------------------------------------------- saving
 
 

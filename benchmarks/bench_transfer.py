@@ -288,6 +288,40 @@ def pretrain(
     return weights, rows
 
 
+def identity_losses(cubes: Path, pretrain_dir: Path, epochs: int) -> list[float]:
+    """The MSE of the corrupted held-out cubes against their originals, per pre-training epoch:
+    the loss of a network that returns its input unchanged, on the very pairs the trainer
+    scored (its own validation dataset, rebuilt from the run's saved configuration).
+
+    Kept in `pretrain_dir`/identity_mse.json beside the pre-training outputs.
+    """
+    import tempfile
+
+    path = pretrain_dir / "identity_mse.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if len(kept) == epochs:
+            return kept
+    sys.path.insert(0, str(ROOT / "keras"))
+    from config import models_genesis_config
+    from genesis_trainer import make_datasets, prepare
+
+    saved = json.loads((pretrain_dir / "Vnet-genesis_chest_ct.json").read_text())
+    values = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = models_genesis_config.from_dict(
+            {**saved, "data": str(cubes), "model_path": tmp, "logs_path": tmp, "resume": False}
+        )
+        config.workers = 1
+        _, valid = make_datasets(config, prepare(config))
+        for epoch in range(epochs):
+            valid.set_epoch(epoch)
+            mse = [float(((x - y) ** 2).mean()) for x, y in (valid[i] for i in range(len(valid)))]
+            values.append(statistics.fmean(mse))
+    write_json(str(path), values)
+    return values
+
+
 def split_cases(s: Settings, out: Path) -> tuple[list[str], list[str]]:
     """A fixed set of held-out test cases, and the training cases in a fixed random order."""
     import numpy as np
@@ -553,8 +587,17 @@ def plot(
     epochs = [int(r["epoch"]) + 1 for r in pretrain_rows]
     ax2.plot(epochs, [r["loss"] for r in pretrain_rows], marker="o", label="training cubes")
     ax2.plot(epochs, [r["val_loss"] for r in pretrain_rows], marker="o", label="held-out cubes")
+    if all("identity_val_loss" in r for r in pretrain_rows):
+        ax2.plot(
+            epochs,
+            [r["identity_val_loss"] for r in pretrain_rows],
+            ls="--",
+            color="grey",
+            label="held-out, input returned unchanged",
+        )
+    ax2.set_yscale("log")
     ax2.set_xlabel("pre-training epoch")
-    ax2.set_ylabel("restoration loss (MSE)")
+    ax2.set_ylabel("restoration loss (MSE, log scale)")
     ax2.set_title("Pre-training on the chest CTs")
     ax2.legend()
     ax2.grid(alpha=0.3)
@@ -708,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "cache").symlink_to((reuse / "cache").resolve(), target_is_directory=True)
     cubes = extract(s, out, args.python, times, reuse)
     weights, pretrain_rows = pretrain(s, out, args.python, cubes, times, reuse)
+    identity = identity_losses(cubes, out / "pretrain", len(pretrain_rows))
+    for row, value in zip(pretrain_rows, identity, strict=True):
+        row["identity_val_loss"] = value
     test, train = split_cases(s, out)
     test_dir = case_folder(out / "test_cases", test)
     log(f"held-out test cases ({len(test)}): {' '.join(test)}")
@@ -745,6 +791,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rows))
     print(f"pre-training val_loss by epoch: {[round(r['val_loss'], 5) for r in pretrain_rows]}")
+    print(
+        "held-out loss of the input returned unchanged, by epoch: "
+        f"{[round(r['identity_val_loss'], 4) for r in pretrain_rows]}"
+    )
+    print(
+        "val_loss / that, by epoch: "
+        f"{[round(r['val_loss'] / r['identity_val_loss'], 4) for r in pretrain_rows]}"
+    )
     print(f"times: {times}; results in {out}/transfer.json, plot {out}/transfer.png")
     return 0
 

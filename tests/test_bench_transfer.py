@@ -164,3 +164,50 @@ def test_variants_table_lists_each_seed_and_the_mean(variants_script, tmp_path, 
         variants_script.main(["--budget", "3", "--variant", f"x={base}"])
     with pytest.raises(SystemExit, match="bench_transfer.py output folder"):
         variants_script.main(["--variant", f"x={tmp_path / 'none'}"])
+
+
+def test_identity_loss_is_scored_on_the_trainers_validation_pairs(bench, tmp_path):
+    sys.path.insert(0, str(ROOT / "keras"))
+    import numpy as np
+
+    from config import models_genesis_config
+    from genesis_dataset import GenesisPairDataset
+
+    cubes, run = tmp_path / "cubes", tmp_path / "pretrain"
+    cubes.mkdir()
+    run.mkdir()
+    rng = np.random.default_rng(0)
+    for fold in (0, 1):
+        a = rng.random((8, 64, 64, 32), dtype=np.float32)
+        np.save(cubes / f"bat_8_s_64x64x32_{fold}.npy", a)
+    config = models_genesis_config(
+        data=str(cubes),
+        train_fold=[0],
+        valid_fold=[1],
+        scale=8,
+        batch_size=4,
+        validation_steps=2,
+        seed=3,
+        model_path=str(run),
+    )
+    (run / "Vnet-genesis_chest_ct.json").write_text(config.to_json())
+    got = bench.identity_losses(cubes, run, 2)
+    # The trainer validates on seed + 1 with the epoch set before each epoch.
+    ds = GenesisPairDataset(
+        str(cubes / "bat_8_s_64x64x32_1.npy"),
+        4,
+        config,
+        seed=4,
+        status="test",
+        steps=2,
+        epoch_from_keras=False,
+    )
+    want = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        want.append(np.mean([np.mean((ds[i][0] - ds[i][1]) ** 2) for i in range(2)]))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] != got[1] and all(v > 0 for v in got)
+    # Kept beside the run: a second call reads the file.
+    (run / "identity_mse.json").write_text(json.dumps([1.0, 2.0]))
+    assert bench.identity_losses(cubes, run, 2) == [1.0, 2.0]

@@ -535,6 +535,51 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def paired(runs: list[dict]) -> list[dict]:
+    """Genesis minus scratch, run by run: the same budget and seed (so the same training cases,
+    patches and test cases), per budget.
+
+    Args:
+        runs: results with keys init, budget, seed and mean_dice.
+
+    Returns:
+        One row per budget that has both initialisations: the number of pairs, the mean and
+        standard deviation of the differences, and in how many pairs Genesis scored higher.
+    """
+    by_key = {(r["budget"], r["seed"], r["init"]): r["mean_dice"] for r in runs}
+    rows = []
+    for budget in sorted({r["budget"] for r in runs}):
+        diffs = [
+            by_key[(budget, seed, "genesis")] - by_key[(budget, seed, "scratch")]
+            for seed in sorted({r["seed"] for r in runs if r["budget"] == budget})
+            if (budget, seed, "genesis") in by_key and (budget, seed, "scratch") in by_key
+        ]
+        if diffs:
+            rows.append(
+                {
+                    "budget": budget,
+                    "pairs": len(diffs),
+                    "mean_difference": statistics.fmean(diffs),
+                    "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                    "genesis_higher": sum(d > 0 for d in diffs),
+                }
+            )
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = [
+        "| labelled cases | pairs (seeds) | Genesis - scratch, mean | std | Genesis higher |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['budget']} | {r['pairs']} | {r['mean_difference']:+.3f} | {r['std']:.3f} "
+            f"| {r['genesis_higher']} of {r['pairs']} |"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| labelled cases | initialisation | seeds | Dice mean | std | min | max |",
@@ -766,6 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{r['name']}: mean Dice {r['mean_dice']:.3f} (train {r['train_s']} s)")
                 runs.append(r)
     rows = summarise(runs)
+    pairs = paired(runs)
     times["total_s"] = round(time.perf_counter() - t_start, 1)
     results = {
         "date": time.strftime("%Y-%m-%d"),
@@ -778,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         "times": times,
         "pretraining": pretrain_rows,
         "summary": rows,
+        "paired": pairs,
         "runs": runs,
     }
     write_json(str(out / "transfer.json"), results)
@@ -790,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{s.n_base_filters} base filters, {len(s.seeds)} seeds",
     )
     print(table(rows))
+    if pairs:
+        print(paired_table(pairs))
     print(f"pre-training val_loss by epoch: {[round(r['val_loss'], 5) for r in pretrain_rows]}")
     print(
         "held-out loss of the input returned unchanged, by epoch: "

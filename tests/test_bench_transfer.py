@@ -211,3 +211,20 @@ def test_identity_loss_is_scored_on_the_trainers_validation_pairs(bench, tmp_pat
     # Kept beside the run: a second call reads the file.
     (run / "identity_mse.json").write_text(json.dumps([1.0, 2.0]))
     assert bench.identity_losses(cubes, run, 2) == [1.0, 2.0]
+
+
+def test_paired_differences_match_only_the_same_budget_and_seed(bench):
+    runs = [
+        {"init": "genesis", "budget": 7, "seed": 0, "mean_dice": 0.5},
+        {"init": "scratch", "budget": 7, "seed": 0, "mean_dice": 0.2},
+        {"init": "genesis", "budget": 7, "seed": 1, "mean_dice": 0.1},
+        {"init": "scratch", "budget": 7, "seed": 1, "mean_dice": 0.2},
+        {"init": "genesis", "budget": 7, "seed": 2, "mean_dice": 0.9},  # no scratch twin
+        {"init": "genesis", "budget": 28, "seed": 0, "mean_dice": 0.4},  # none at 28
+    ]
+    (row,) = bench.paired(runs)
+    # differences +0.3 and -0.1: mean 0.1, sample std 0.4 / sqrt(2)
+    assert row["budget"] == 7 and row["pairs"] == 2 and row["genesis_higher"] == 1
+    assert row["mean_difference"] == pytest.approx(0.1)
+    assert row["std"] == pytest.approx(0.4 / 2**0.5)
+    assert "| 7 | 2 | +0.100 | 0.283 | 1 of 2 |" in bench.paired_table([row])

@@ -170,10 +170,20 @@ def stage_done(folder: Path, digest: str) -> bool:
     return stamp.exists() and stamp.read_text().strip() == digest
 
 
-def mark_done(folder: Path, digest: str) -> None:
+def mark_done(folder: Path, digest: str, seconds: float | None = None) -> None:
+    """Stamp a stage as done with these settings; `seconds`, what it took, is kept beside it
+    so that a rerun which keeps the stage still reports its time."""
+    if seconds is not None:
+        write_json(str(folder / "stage_seconds.json"), round(seconds, 1))
     tmp = folder / ".stage.done.tmp"
     tmp.write_text(digest + "\n")
     os.replace(tmp, folder / "stage.done")
+
+
+def stage_seconds(folder: Path) -> float | None:
+    """What a done stage took when it ran (None when not recorded)."""
+    path = folder / "stage_seconds.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +197,7 @@ def extract(s: Settings, out: Path, py: str, times: dict, reuse: Path | None = N
     digest = s.digest("train_scale")
     if borrow_stage(folder, reuse, digest):
         log(f"extraction: kept {folder}")
+        times["extract_s"] = stage_seconds(folder)
         return folder
     clear_stage(folder)
     (folder / "volumes").mkdir(parents=True)
@@ -214,7 +225,7 @@ def extract(s: Settings, out: Path, py: str, times: dict, reuse: Path | None = N
             folder / f"extract_{fold}.log",
         )
     times["extract_s"] = round(t, 1)
-    mark_done(folder, digest)
+    mark_done(folder, digest, t)
     return folder
 
 
@@ -280,9 +291,10 @@ def pretrain(
             ),
             1,
         )
-        mark_done(folder, digest)
+        mark_done(folder, digest, times["pretrain_s"])
     else:
         log(f"pre-training: kept {folder}")
+        times["pretrain_s"] = stage_seconds(folder)
     with open(folder / "Vnet-genesis_chest_ct.csv", newline="") as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return weights, rows
@@ -812,7 +824,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
     rows = summarise(runs)
     pairs = paired(runs)
-    times["total_s"] = round(time.perf_counter() - t_start, 1)
+    times["finetune_s"] = round(
+        sum(r["train_s"] + r["predict_s"] + r["evaluate_s"] for r in runs), 1
+    )
+    # Every stage's own time, also of those this invocation kept from an earlier one.
+    parts = [times.get("extract_s"), times.get("pretrain_s"), times["finetune_s"]]
+    times["stages_s"] = round(sum(parts), 1) if None not in parts else None
+    times["total_s"] = round(time.perf_counter() - t_start, 1)  # this invocation
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "commit": git_commit(),

@@ -50,6 +50,10 @@ def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
     assert bench.stage_done(tmp_path, digest)
     s.finetune_lr = 1e-2
     assert not bench.stage_done(tmp_path, s.digest("n_base_filters", "finetune_lr"))
+    # The time a stage took is kept with its stamp, for reruns that keep it.
+    assert bench.stage_seconds(tmp_path) is None
+    bench.mark_done(tmp_path, digest, 12.34)
+    assert bench.stage_seconds(tmp_path) == 12.3 and bench.stage_done(tmp_path, digest)
 
 
 def test_tiny_shrinks_every_budget(bench):

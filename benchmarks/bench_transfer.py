@@ -14,16 +14,20 @@
    seeds; and the pre-training loss curve).
 
 Every stage keeps its outputs in --out and is skipped on a rerun when its outputs exist with the
-same settings, so an interrupted benchmark continues where it stopped.
+same settings, so an interrupted benchmark continues where it stopped. A variant changes one
+setting and reuses what it shares with an earlier run (docs/benchmarks.md lists those measured).
 
-Scales: `--scale cpu` (default; a U-Net with 8 base filters, sized for a 2-core machine in about
-an hour) and `--scale gpu` (the published 32-filter network, longer budgets). `--tiny` shrinks
+Scales: `--scale cpu` (default; a U-Net with 8 base filters, about half an hour on a 2-core
+machine) and `--scale gpu` (the published 32-filter network, longer budgets). `--tiny` shrinks
 either to a smoke test of a few minutes on the CPU.
 
 Example:
     .venv/bin/python benchmarks/bench_transfer.py                       # CPU scale
     .venv/bin/python benchmarks/bench_transfer.py --scale gpu           # on a GPU machine
     .venv/bin/python benchmarks/bench_transfer.py --scale gpu --tiny    # smoke test of it
+    .venv/bin/python benchmarks/bench_transfer.py --out benchmarks/results/exp_freeze \
+        --reuse benchmarks/results/transfer_cpu --inits genesis --budgets 7 \
+        --set freeze_encoder=true                                       # one variant
 """
 
 from __future__ import annotations

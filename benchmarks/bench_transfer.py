@@ -50,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_json  # noqa: E402  (benchmarks/ is not a package)
+from common import save_figure, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 SHARED = ROOT.parent / "shared" / "data"
 CHEST_CTS = ("chest_ct_512x512x141.nii.gz", "chest_ct_lidc0314_512x512x275.nii.gz")
@@ -664,10 +664,7 @@ def plot(
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def apply_overrides(s: Settings, items: list[str]) -> None:

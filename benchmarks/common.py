@@ -27,3 +27,24 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
     except BaseException:
         os.remove(tmp)
         raise
+
+
+def save_figure(fig: Any, path: Any, dpi: int = 110) -> None:
+    """Write a Matplotlib figure as PNG atomically (a temporary file, then a rename) and close it.
+
+    Args:
+        fig: the figure.
+        path: the PNG file (str or Path).
+        dpi: resolution.
+    """
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)

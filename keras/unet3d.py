@@ -732,6 +732,15 @@ def foreground_dice_coef(
     )
 
 
+def _loss_channel_axis(data_format: str) -> int:
+    if data_format not in ("channels_first", "channels_last"):
+        raise ValueError(
+            "Expected data_format 'channels_first' or 'channels_last'. "
+            f"Received: data_format={data_format!r}"
+        )
+    return 1 if data_format == "channels_first" else -1
+
+
 def bce_foreground_dice_loss(data_format: str = "channels_first"):
     """``0.5 * binary_crossentropy - foreground_dice_coef``: `bce_dice_loss` with the Dice of
     the foreground channels, for one-hot targets and a softmax output.
@@ -742,12 +751,7 @@ def bce_foreground_dice_loss(data_format: str = "channels_first"):
     Returns:
         A loss function ``(y_true, y_pred) -> tensor``, named ``bce_foreground_dice_loss``.
     """
-    if data_format not in ("channels_first", "channels_last"):
-        raise ValueError(
-            "Expected data_format 'channels_first' or 'channels_last'. "
-            f"Received: data_format={data_format!r}"
-        )
-    axis = 1 if data_format == "channels_first" else -1
+    axis = _loss_channel_axis(data_format)
 
     def bce_foreground_dice_loss(y_true: Any, y_pred: Any) -> Any:
         t, p = ops.cast(y_true, "float32"), ops.cast(y_pred, "float32")
@@ -766,7 +770,7 @@ def foreground_dice_metric(data_format: str = "channels_first"):
     Returns:
         A function ``(y_true, y_pred) -> scalar``.
     """
-    axis = 1 if data_format == "channels_first" else -1
+    axis = _loss_channel_axis(data_format)
 
     def foreground_dice_coef_(y_true: Any, y_pred: Any) -> Any:
         return foreground_dice_coef(y_true, y_pred, axis)

@@ -457,6 +457,8 @@ def test_foreground_dice_refuses_one_channel_and_bad_formats():
         )
     with pytest.raises(ValueError, match="Expected data_format"):
         unet3d.bce_foreground_dice_loss("NCDHW")
+    with pytest.raises(ValueError, match="Expected data_format"):
+        unet3d.foreground_dice_metric("NCDHW")
 
 
 # ------------------------------------------------------------------------------- saving

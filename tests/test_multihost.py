@@ -303,11 +303,29 @@ def weights(path):
         return [z[k] for k in sorted(z.files) if k.startswith("weight_")]
 
 
-def assert_same_weights(a, b):
+def update_ratio(a, b, before, after):
+    """How far runs a and b are apart, as a share of one epoch's training update.
+
+    The largest difference of any weight between the runs' `.last.npz` files, divided by the
+    largest change of any weight in one epoch of run b (`before` -> `after`)."""
     wa, wb = weights(a), weights(b)
     assert len(wa) == len(wb) > 10
-    for x, y in zip(wa, wb, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    apart = max(float(np.abs(x - y).max()) for x, y in zip(wa, wb, strict=True))
+    step = max(float(np.abs(x - y).max()) for x, y in zip(weights(after), weights(before)))
+    assert step > 1e-4, "the epoch changed no weight: nothing to compare"
+    return apart / step
+
+
+# Two processes add the shares' gradients in another order than one process adds the whole
+# batch's, so the runs agree only up to float32 rounding, and how far that rounding carries
+# over two epochs depends on the CPU's kernels. Measured on this test's settings (largest
+# weight difference / largest weight change in one epoch): 3e-6 on one 2-core machine;
+# 5.8e-5 / 0.0185 = 3e-3 on another machine of the same kind (the drift that an
+# rtol of 1e-4 per weight failed on). A wrong run is far off: process 1 drawing other pairs
+# gives 0.62, every process training on process 0's share 0.52 (process 1 with another seed
+# does not even start: JAX refuses weights that differ between processes). 0.05 sits 16x
+# above the largest correct drift seen and 10x below the closest wrong run.
+MAX_UPDATE_RATIO = 0.05
 
 
 @pytest.mark.slow
@@ -324,9 +342,12 @@ def test_two_processes_train_like_one_write_only_on_process_0_and_resume_on_anot
     names = {f.name for f in (two / "p0").iterdir()}
     assert {f"{EXP}.{ext}" for ext in ("h5", "last.npz", "csv", "json", "txt")} <= names
     assert "Logs" in names and list((two / "s0" / EXP).glob("*.png"))
-    assert_same_weights(two / "p0" / f"{EXP}.last.npz", one / "p0" / f"{EXP}.last.npz")
+    # Each run's epoch-1 weights, kept to measure an epoch's update against.
+    for run in (two, one):
+        shutil.copy(run / "p0" / f"{EXP}.last.npz", run / "epoch1.npz")
     rows = csv_rows(two / "p0" / f"{EXP}.csv"), csv_rows(one / "p0" / f"{EXP}.csv")
     for a, b in zip(*rows, strict=True):
+        # Float32 rounding moves a mean loss by ~1e-7 of itself; wrong pairs by far more.
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4)
 
     # Epoch 2: the two-process run resumes on one process, the one-process run on two. Every
@@ -339,7 +360,10 @@ def test_two_processes_train_like_one_write_only_on_process_0_and_resume_on_anot
     assert codes == [0, 0, 0], logs(two) + logs(one)
     assert os.listdir(one / "p1") == [f"{EXP}.last.npz"], "process 1 wrote files"
     assert (one / "p1" / f"{EXP}.last.npz").read_bytes() == copied
-    assert_same_weights(two / "p0" / f"{EXP}.last.npz", one / "p0" / f"{EXP}.last.npz")
+    last_two, last_one = two / "p0" / f"{EXP}.last.npz", one / "p0" / f"{EXP}.last.npz"
+    for a, b in ((two / "epoch1.npz", one / "epoch1.npz"), (last_two, last_one)):
+        ratio = update_ratio(a, b, one / "epoch1.npz", last_one)
+        assert ratio < MAX_UPDATE_RATIO, f"{a.name}: {ratio:.3g} of an epoch's update apart"
     assert [r["epoch"] for r in csv_rows(one / "p0" / f"{EXP}.csv")] == ["0", "1"]
 
 

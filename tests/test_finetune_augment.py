@@ -317,7 +317,8 @@ def test_elastic_field_is_reproducible_smooth_and_of_the_stated_size():
     assert np.array_equal(field, A.elastic_displacement(params, (64, 64, 32)))
     assert (field[2] == 0).all() and field[:2].std() > 0
     magnitude = np.abs(field[:2, 16:48, 16:48, 8:24]).mean()  # away from the patch's edges
-    assert 1.0 < magnitude < 6.0, magnitude
+    assert 1.0 < magnitude < 2.5, magnitude  # "about 1.5 voxels" (AugmentSettings)
+    assert np.abs(field).max() < 7.0
     assert np.abs(np.diff(field[0], axis=0)).max() < 0.5  # smooth: neighbours move together
 
 

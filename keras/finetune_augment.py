@@ -86,10 +86,10 @@ class AugmentSettings:
             [low, 1), half from [1, high]. Below 1 zooms in (structures look larger).
         scale_range: (low, high).
         p_elastic: displace the patch grid by a smooth random field (off by default: slow,
-            and nnU-Net dropped it).
+            and nnU-Net leaves it off).
         elastic_alpha: the field's strength range (uniform noise in [-1, 1] is smoothed,
             then multiplied by alpha; alpha 900 with sigma 11 moves points by about 1.5 voxels
-            per axis on average, 5 at most).
+            per axis on average, up to about 6).
         elastic_sigma: the smoothing's Gaussian sigma range, in voxels.
         p_mirror: flip each axis of `mirror_axes` with this probability.
         mirror_axes: the axes (0, 1, 2 for X, Y, Z) that may be flipped.

@@ -76,6 +76,7 @@ def test_extraction_and_transforms_stay_free_of_keras_and_the_model_of_our_modul
         ROOT / "keras" / "genesis_kernels.py",
         ROOT / "keras" / "config.py",
         ROOT / "keras" / "genesis_files.py",
+        ROOT / "keras" / "finetune_augment.py",
     ):
         assert not imports(path) & {"keras", "tensorflow", "jax", "torch"}, path
     assert not imports(ROOT / "keras" / "unet3d.py") & OURS

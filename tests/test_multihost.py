@@ -311,7 +311,9 @@ def update_ratio(a, b, before, after):
     wa, wb = weights(a), weights(b)
     assert len(wa) == len(wb) > 10
     apart = max(float(np.abs(x - y).max()) for x, y in zip(wa, wb, strict=True))
-    step = max(float(np.abs(x - y).max()) for x, y in zip(weights(after), weights(before)))
+    step = max(
+        float(np.abs(x - y).max()) for x, y in zip(weights(after), weights(before), strict=True)
+    )
     assert step > 1e-4, "the epoch changed no weight: nothing to compare"
     return apart / step
 

@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import finetune_predict as fp
-    import finetune_volumes as fv
     import unet3d
+    import volume_io as vio
 
     patch = tuple(args.patch)
-    image = fv.read_image(args.volume)
-    geometry = fv.Geometry.of(image)
+    image = vio.read_image(args.volume)
+    geometry = vio.Geometry.of(image)
     with tempfile.TemporaryDirectory() as tmp:
         volume_path = os.path.join(tmp, "chest_0000.nii.gz")
         if args.full:
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             size = image.GetSize()
             lo = [(n - c) // 2 for n, c in zip(size[:2], args.crop, strict=True)] + [0]
             crop = [*args.crop, size[2]]
-            fv.write_image(
-                fv.image_to_array(image)[
+            vio.write_image(
+                vio.image_to_array(image)[
                     lo[0] : lo[0] + crop[0], lo[1] : lo[1] + crop[1], : crop[2]
                 ],
-                fv.Geometry.of(image[lo[0] : lo[0] + crop[0], lo[1] : lo[1] + crop[1], :]),
+                vio.Geometry.of(image[lo[0] : lo[0] + crop[0], lo[1] : lo[1] + crop[1], :]),
                 volume_path,
             )
-            geometry = fv.read_geometry(volume_path)
+            geometry = vio.read_geometry(volume_path)
 
         model = unet3d.unet_model_3d(
             (*patch, 1),
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(config, f)
 
         # The same windows, cut beforehand.
-        volume = fv.normalise_intensity(fv.image_to_array(fv.read_image(volume_path)), "ct")
+        volume = vio.normalise_intensity(vio.image_to_array(vio.read_image(volume_path)), "ct")
         starts = [
             (a, b, c)
             for a in fp.window_starts(max(volume.shape[0], patch[0]), patch[0], args.overlap)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         total_s = time.perf_counter() - t0
         if rc != 0:
             return rc
-        written = fv.read_geometry(os.path.join(pred_dir, os.listdir(pred_dir)[0]))
+        written = vio.read_geometry(os.path.join(pred_dir, os.listdir(pred_dir)[0]))
         assert not written.differences(geometry), written.differences(geometry)
 
     ratio = total_s / model_s

@@ -22,7 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from benchmarks.common import write_json  # noqa: E402
-from finetune_data import SegmentationPatches, discover_segmentation, prepare_cases  # noqa: E402
+from finetune_cases import discover_segmentation, prepare_cases  # noqa: E402
+from finetune_patches import SegmentationPatches  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-import finetune_volumes as fv
+import volume_io as vio
 from finetune_predict import CLASSIFICATION_CSV, image_ending
 from genesis_files import atomic_path
 
@@ -396,7 +396,7 @@ def _class_names(args: argparse.Namespace, triples: list[tuple[str, str, str]]) 
     values: set[int] = set()
     for _, pred_path, label_path in triples:
         for p in (pred_path, label_path):
-            values |= {int(v) for v in np.unique(fv.image_to_array(fv.read_image(p)))}
+            values |= {int(v) for v in np.unique(vio.image_to_array(vio.read_image(p)))}
     return {v: f"class_{v}" for v in sorted(values - {0})}
 
 
@@ -431,8 +431,8 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     # Check every pair's grid (headers only) before scoring any, so a mismatch is reported at
     # once, naming both files and the field.
     for case, pred_path, label_path in triples:
-        truth_grid = fv.read_geometry(label_path)
-        diffs = fv.read_geometry(pred_path).differences(truth_grid)
+        truth_grid = vio.read_geometry(label_path)
+        diffs = vio.read_geometry(pred_path).differences(truth_grid)
         if diffs:
             raise EvaluateInputError(
                 f"Expected the prediction on its label's grid. Received: {pred_path} and "
@@ -445,7 +445,7 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
                     f"Expected an image of case {case!r} ({case}_0000 or {case} with an "
                     f"image ending) in --images. Received: none in {args.images}"
                 )
-            image_grid = fv.read_geometry(image_path)
+            image_grid = vio.read_geometry(image_path)
             if image_grid.size != truth_grid.size:
                 raise EvaluateInputError(
                     f"Expected {image_path} on the grid of {label_path}. Received: size "
@@ -461,8 +461,8 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     for case, pred_path, label_path in tqdm(loaded, desc="evaluate", unit="case"):
         # One case in memory at a time.
-        pred = fv.image_to_array(fv.read_image(pred_path))
-        truth = fv.image_to_array(fv.read_image(label_path))
+        pred = vio.image_to_array(vio.read_image(pred_path))
+        truth = vio.image_to_array(vio.read_image(label_path))
         probs = _load_probabilities(pred_path, case)
         for value, name in classes.items():
             t, p = truth == value, pred == value
@@ -483,7 +483,7 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
         if not args.no_png:
-            image = fv.image_to_array(fv.read_image(images[case])) if case in images else None
+            image = vio.image_to_array(vio.read_image(images[case])) if case in images else None
             save_case_png(os.path.join(png_dir, case + ".png"), truth, pred, image, title=case)
     summary = {}
     for value, name in classes.items():

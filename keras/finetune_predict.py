@@ -8,7 +8,9 @@ its predictions back onto the input's grid (labels nearest, probabilities linear
 Classification reads ``.npy`` cubes ``(N, R, C, D)`` or a LUNA16-style candidates CSV with a
 folder of volumes and writes a CSV of class probabilities.
 
-The array convention is (x, y, z), as in `finetune_volumes`.
+The array convention is (x, y, z), as in `volume_io`. A case whose volume cannot be used
+(`volume_io.VolumeError`: truncated, NaN voxels, a broken DICOM series, not 3-D) is named and
+skipped; the others are written, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-import finetune_volumes as fv
+import volume_io as vio
 from genesis_files import atomic_path
 
 __all__ = [
@@ -57,7 +59,11 @@ written as label maps {case}{ext} on exactly the input's grid. Inputs are a fold
 naming, or explicit files. Cases already written are skipped unless --overwrite.
 
 Classification: .npy cubes (N, R, C, D), or a candidates CSV in LUNA16's format
-(seriesuid,coordX,coordY,coordZ[,class]) with --volumes DIR; writes a CSV of probabilities."""
+(seriesuid,coordX,coordY,coordZ[,class]) with --volumes DIR; writes a CSV of probabilities.
+
+A volume that cannot be used (unreadable, truncated, NaN voxels, a DICOM series missing a
+slice, not 3-D) is named and skipped, and the others are predicted. Exit status: 0 done, 1 when
+some volumes were skipped that way, 2 for bad input (one line saying what was expected)."""
 
 EPILOG = """\
 examples:
@@ -332,11 +338,11 @@ def image_ending(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
-def _read_channels(paths: Sequence[str]) -> tuple[list[sitk.Image], fv.Geometry]:
-    images = [fv.read_image(p) for p in paths]
-    geometry = fv.Geometry.of(images[0])
+def _read_channels(paths: Sequence[str]) -> tuple[list[sitk.Image], vio.Geometry]:
+    images = [vio.read_image(p) for p in paths]
+    geometry = vio.Geometry.of(images[0])
     for path, image in zip(paths[1:], images[1:], strict=True):
-        diffs = geometry.differences(fv.Geometry.of(image))
+        diffs = geometry.differences(vio.Geometry.of(image))
         if diffs:
             raise PredictInputError(
                 f"Expected every channel of a case on one grid. Received: {paths[0]} and "
@@ -352,7 +358,7 @@ def predict_case(
     overlap: float = 0.5,
     batch_size: int = 2,
     gaussian: bool = True,
-) -> tuple[np.ndarray, np.ndarray, fv.Geometry]:
+) -> tuple[np.ndarray, np.ndarray, vio.Geometry]:
     """Predict one case on its own grid.
 
     Args:
@@ -367,15 +373,19 @@ def predict_case(
         (label map (x, y, z) of label values, probabilities (n_classes, x, y, z) float32, the
         input's geometry). With a training spacing, both are resampled back onto the input's
         grid: labels with nearest neighbour, probabilities linearly.
+
+    Raises:
+        VolumeError: a channel's volume cannot be used (`volume_io.read_image`), naming it.
+        PredictInputError: the channels are not on one grid, or not as many as trained.
     """
     images, geometry = _read_channels(image_paths)
     modes = _channel_modes(config, len(images))
     spacing = config.get("spacing")
     if spacing:
-        images = [fv.resample_image(img, spacing, is_label=False) for img in images]
+        images = [vio.resample_image(img, spacing) for img in images]
     volume = np.stack(
         [
-            fv.normalise_intensity(fv.image_to_array(img), mode)
+            vio.normalise_intensity(vio.image_to_array(img), mode)
             for img, mode in zip(images, modes, strict=True)
         ]
     )
@@ -392,13 +402,18 @@ def predict_case(
     values = class_values(config)
     labels = values[np.argmax(probs, axis=0)]
     if spacing:
-        work = fv.Geometry.of(images[0])
-        labels = fv.image_to_array(
-            fv.resample_like(fv.array_to_image(labels.astype(np.int32), work), geometry, True)
+        work = vio.Geometry.of(images[0])
+        labels = vio.image_to_array(
+            vio.resample_image(
+                vio.array_to_image(labels.astype(np.int32), work), geometry, label=True
+            )
         )
+        # Probabilities outside the working grid (at most half a voxel at the far edges): 0.
         probs = np.stack(
             [
-                fv.image_to_array(fv.resample_like(fv.array_to_image(p, work), geometry, False))
+                vio.image_to_array(
+                    vio.resample_image(vio.array_to_image(p, work), geometry, fill=0.0)
+                )
                 for p in probs
             ]
         )
@@ -424,7 +439,11 @@ def _save_probabilities(path: str, probs: np.ndarray, values: np.ndarray) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def _classification_inputs(args: argparse.Namespace, config: dict[str, Any]):
+def _classification_inputs(
+    args: argparse.Namespace, config: dict[str, Any], skipped: list[str]
+) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    # (cubes, labels or None, ids); volumes of a candidates CSV that cannot be read are skipped
+    # and named in `skipped`.
     inputs = list(args.input)
     patch = tuple(int(p) for p in config["patch"])
     modes = _channel_modes(config, 1)
@@ -434,9 +453,9 @@ def _classification_inputs(args: argparse.Namespace, config: dict[str, Any]):
                 f"Expected --volumes DIR with a candidates CSV. Received: --input {inputs[0]!r} "
                 "and no --volumes"
             )
-        from finetune_data import load_candidate_cubes
+        from finetune_arrays import load_candidate_cubes
 
-        return load_candidate_cubes(inputs[0], args.volumes, patch, modes[0])
+        return load_candidate_cubes(inputs[0], args.volumes, patch, modes[0], skipped=skipped)
     cubes, labels, ids = [], [], []
     have_labels = True
     for path in inputs:
@@ -607,7 +626,7 @@ def _output_ending(args: argparse.Namespace, first_image: str, config: dict[str,
 def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
     from tqdm import tqdm
 
-    from finetune_data import find_images
+    from finetune_cases import find_images
 
     is_folder = len(args.input) == 1 and os.path.isdir(args.input[0])
     # A folder is read with the run's file ending; explicit files may be in any format.
@@ -631,6 +650,7 @@ def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, An
     values = class_values(config)
     dtype = _label_dtype(values)
     done = skipped = 0
+    unreadable = []
     for case_id, paths in tqdm(cases, desc="predict", unit="case"):
         out = os.path.join(args.output, case_id + _output_ending(args, paths[0], config))
         prob = os.path.join(args.output, case_id + ".npz")
@@ -641,24 +661,43 @@ def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, An
         ):
             skipped += 1
             continue
-        labels, probs, geometry = predict_case(
-            model,
-            config,
-            paths,
-            overlap=args.overlap,
-            batch_size=args.batch_size,
-            gaussian=not args.no_gaussian,
-        )
+        try:
+            labels, probs, geometry = predict_case(
+                model,
+                config,
+                paths,
+                overlap=args.overlap,
+                batch_size=args.batch_size,
+                gaussian=not args.no_gaussian,
+            )
+        except vio.VolumeError as exc:
+            # One bad volume must not cost the others their predictions: named, skipped.
+            tqdm.write(f"warning: skipping case {case_id}: {exc}", file=sys.stderr)
+            unreadable.append(case_id)
+            continue
         if args.save_probabilities:
             _save_probabilities(prob, probs, values)
-        fv.write_image(labels.astype(dtype), geometry, out)
+        vio.write_image(labels.astype(dtype), geometry, out)
         done += 1
     print(f"predicted {done} case(s), skipped {skipped} already written, into {args.output}")
-    return 0
+    return _report_unreadable(unreadable, "case")
+
+
+def _report_unreadable(names: Sequence[str], what: str) -> int:
+    # Exit status 1 when volumes were skipped as unreadable (each named as it was met), else 0.
+    if not names:
+        return 0
+    print(
+        f"error: {len(names)} {what}(s) skipped because a volume could not be used: "
+        + ", ".join(names),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _run_classification(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
-    cubes, labels, ids = _classification_inputs(args, config)
+    unreadable: list[str] = []
+    cubes, labels, ids = _classification_inputs(args, config, unreadable)
     out = args.output
     if not out.lower().endswith(".csv"):
         os.makedirs(out, exist_ok=True)
@@ -671,7 +710,7 @@ def _run_classification(args: argparse.Namespace, model: Any, config: dict[str, 
     probs = predict_cubes(model, cubes, config["data_format"], batch_size=args.batch_size)
     write_classification_csv(out, ids, probs, labels)
     print(f"wrote {len(ids)} prediction(s) to {out}")
-    return 0
+    return _report_unreadable(unreadable, "volume")
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -681,7 +720,8 @@ def run_predict(args: argparse.Namespace) -> int:
         args: the namespace `add_predict_arguments`' parser returns.
 
     Returns:
-        0 on success, 2 on bad input (with a one-line error on stderr).
+        0 on success; 1 when some volumes could not be used (each named on stderr, skipped, the
+        other cases written); 2 on bad input (with a one-line error on stderr).
     """
     try:
         _check_args(args)
@@ -690,7 +730,7 @@ def run_predict(args: argparse.Namespace) -> int:
             return _run_classification(args, model, config)
         return _run_segmentation(args, model, config)
     except (ValueError, FileNotFoundError) as e:
-        # PredictInputError and the input errors of finetune_volumes and finetune_data (all
+        # PredictInputError and the input errors of volume_io and finetune_cases (all
         # ValueErrors) name the file and say what was expected.
         print(f"error: {e}", file=sys.stderr)
         return 2

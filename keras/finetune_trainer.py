@@ -22,8 +22,9 @@ The run folder (RUN_DIR):
   curves.png             loss and Dice (or accuracy) per epoch
   preprocessed/          the normalised volumes, memory-mapped (reused by later runs)
 
-Imports: stdlib, NumPy, Keras, h5py, Pillow (the curves), unet3d, finetune_data,
-genesis_callbacks, genesis_checkpoint, genesis_files; download_weights only for ``hf:`` weights.
+Imports: stdlib, NumPy, Keras, h5py, Pillow (the curves), unet3d, finetune_cases,
+finetune_patches, finetune_arrays, genesis_callbacks, genesis_checkpoint, genesis_files;
+download_weights only for ``hf:`` weights.
 """
 
 from __future__ import annotations
@@ -43,19 +44,16 @@ import keras
 import numpy as np
 
 import unet3d
-from finetune_data import (
-    ArrayBatches,
+from finetune_arrays import ArrayBatches, discover_arrays, discover_candidates
+from finetune_cases import (
     FinetuneInputError,
-    SegmentationPatches,
-    check_patch,
     default_intensity,
     detect_layout,
-    discover_arrays,
-    discover_candidates,
     discover_segmentation,
     prepare_cases,
     split_cases,
 )
+from finetune_patches import SegmentationPatches, check_patch
 from genesis_callbacks import (
     AtomicBestCheckpoint,
     EpochSetter,

@@ -10,19 +10,13 @@ import pytest
 import SimpleITK as sitk
 from conftest import SHARED_DATA, require_shared
 
-from finetune_data import (
-    ArrayBatches,
+from finetune_arrays import ArrayBatches, discover_arrays, load_candidate_cubes
+from finetune_cases import (
     FinetuneInputError,
-    SegmentationPatches,
-    check_patch,
-    crop_padded,
     default_intensity,
     detect_layout,
-    discover_arrays,
     discover_segmentation,
     find_images,
-    foreground_item,
-    load_candidate_cubes,
     prepare_cases,
     split_cases,
 )
@@ -34,6 +28,7 @@ from finetune_helpers import (
     read_xyz,
     write_xyz,
 )
+from finetune_patches import SegmentationPatches, check_patch, crop_padded, foreground_item
 
 
 def _prepared(tmp_path, **kwargs):

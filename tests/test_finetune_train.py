@@ -12,7 +12,7 @@ import pytest
 
 import finetune
 import unet3d
-from finetune_data import FinetuneInputError
+from finetune_cases import FinetuneInputError
 from finetune_helpers import (
     make_candidates,
     make_classification_arrays,

@@ -2,12 +2,10 @@
 
 `finetune_plan` turns it into the fine-tuning plan (docs/finetuning.md, "The plan"). Measured
 per case by `case_fingerprint` from arrays and a spacing, gathered by `dataset_fingerprint`
-into plain JSON-ready data (``fingerprint.json``). Also here: the two intensity modes the plan
-may choose besides ``finetune_volumes.normalise_intensity``'s, as the pure function
-`normalise_planned`.
+into plain JSON-ready data (``fingerprint.json``).
 
-Standard library and NumPy only, so it runs wherever the data is read. Arrays are in
-(x, y, z) order, as ``finetune_volumes`` returns them.
+Standard library, NumPy and `volume_io`'s constants (no SimpleITK is loaded). Arrays are in
+(x, y, z) order, as ``volume_io`` returns them.
 """
 
 from __future__ import annotations
@@ -18,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from volume_io import INTENSITY_MODES
+
 __all__ = [
     "ALL_INTENSITY_MODES",
-    "CT_WINDOW",
     "PLAN_INTENSITY_MODES",
     "PlanInputError",
     "case_fingerprint",
     "check_spacing",
     "dataset_fingerprint",
     "foreground_objects",
-    "normalise_planned",
 ]
 
 # Foreground voxels whose intensities each case contributes (nnU-Net draws 10,000 too).
@@ -38,14 +36,11 @@ SPECK_SHARE = 0.05
 # At most this many objects per class and case are kept (the largest).
 MAX_OBJECTS_PER_CASE = 50
 
-# The window the pre-trained Models Genesis weights saw (finetune_volumes.CT_WINDOW; a test
-# checks that the two agree).
-CT_WINDOW = (-1000.0, 1000.0)
-# Intensity modes of finetune_volumes.normalise_intensity (a test checks they agree).
-VOLUME_INTENSITY_MODES = ("ct", "mri", "minmax", "none")
-# The two modes this module adds, applied by `normalise_planned`.
+# The modes that normalise intensities to the pre-trained weights' range, and the two that
+# standardise them for training from scratch (volume_io applies all of them).
 PLAN_INTENSITY_MODES = ("ct_foreground", "zscore")
-ALL_INTENSITY_MODES = VOLUME_INTENSITY_MODES + PLAN_INTENSITY_MODES
+VOLUME_INTENSITY_MODES = tuple(m for m in INTENSITY_MODES if m not in PLAN_INTENSITY_MODES)
+ALL_INTENSITY_MODES = INTENSITY_MODES
 
 FINGERPRINT_VERSION = 1
 
@@ -362,50 +357,3 @@ def dataset_fingerprint(case_fps: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "object_extent_mm": extent_summaries,
         "intensity": intensity,
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Intensities
-# ------------------------------------------------------------------------------------------
-
-
-def normalise_planned(
-    array: np.ndarray, mode: str, params: dict[str, Any] | None = None
-) -> np.ndarray:
-    """Apply one of the two intensity modes this module adds (the others are
-    ``finetune_volumes.normalise_intensity``'s).
-
-    Args:
-        array: one channel of a volume.
-        mode: "ct_foreground": clip to ``params["clip"]`` (the foreground's 0.5 and 99.5
-            percentiles over the data set), subtract ``params["mean"]`` and divide by
-            ``params["std"]`` (the foreground's); "zscore": subtract the volume's own mean and
-            divide by its own standard deviation (a constant volume gives zeros).
-        params: for "ct_foreground", the plan's ``intensity_params`` of the channel.
-
-    Returns:
-        A float32 array of the same shape.
-    """
-    x = np.asarray(array, dtype=np.float32)
-    if mode == "ct_foreground":
-        missing = [k for k in ("clip", "mean", "std") if not params or k not in params]
-        if missing:
-            raise PlanInputError(
-                f"Expected intensity params with clip, mean and std for 'ct_foreground'. "
-                f"Received: params={params!r}"
-            )
-        lo, hi = (float(v) for v in params["clip"])
-        out = np.clip(x, lo, hi)
-        out -= np.float32(params["mean"])
-        out /= np.float32(max(float(params["std"]), 1e-8))
-        return out
-    if mode == "zscore":
-        out = x - np.float32(x.mean()) if x.size else x.copy()
-        std = float(x.std()) if x.size else 0.0
-        if std > 0:
-            out /= np.float32(std)
-        return out
-    raise PlanInputError(
-        f"Expected an intensity mode in {PLAN_INTENSITY_MODES} (the others are applied by "
-        f"finetune_volumes.normalise_intensity). Received: mode={mode!r}"
-    )

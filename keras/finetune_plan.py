@@ -32,7 +32,6 @@ import numpy as np
 
 from finetune_fingerprint import (
     ALL_INTENSITY_MODES,
-    CT_WINDOW,
     FINGERPRINT_VERSION,
     PLAN_INTENSITY_MODES,
     PlanInputError,
@@ -40,9 +39,9 @@ from finetune_fingerprint import (
     check_spacing,
     dataset_fingerprint,
     foreground_objects,
-    normalise_planned,
 )
 from genesis_files import atomic_path
+from volume_io import CT_WINDOW
 
 __all__ = [
     "ALL_INTENSITY_MODES",
@@ -55,7 +54,6 @@ __all__ = [
     "foreground_objects",
     "format_plan_table",
     "make_plan",
-    "normalise_planned",
     "save_json",
     "training_step_bytes",
     "unet_activation_count",
@@ -326,9 +324,9 @@ class Plan:
         spacing: (x, y, z) mm to resample every case to.
         patch: (R, C, D) voxels, each divisible by ``2 ** (depth - 1)``.
         batch_size: patches per step.
-        intensity: one mode per channel: ``finetune_volumes.normalise_intensity``'s ("ct",
-            "mri", "minmax", "none") or this module's ("ct_foreground", "zscore", applied by
-            `normalise_planned`).
+        intensity: one mode per channel of ``volume_io.normalise_intensity``: "ct", "mri",
+            "minmax", "none" (the pre-trained weights' range) or "ct_foreground", "zscore"
+            (standardised, for training from scratch).
         intensity_params: per channel, the mode's parameters ({} when it has none).
         field_of_view_mm: what the patch spans, ``patch x spacing``.
         wanted_field_of_view_mm: what the context rule asked it to span.
@@ -447,7 +445,7 @@ class _Geometry:
         self.shapes = np.asarray(fp["shapes"], dtype=np.float64).reshape(-1, 3)
 
     def shapes_at(self, spacing: np.ndarray) -> np.ndarray:
-        # finetune_volumes.resample_image's rule: round(size * old spacing / new spacing).
+        # volume_io.resample_image's rule: round(size * old spacing / new spacing).
         return np.maximum(1, np.round(self.shapes * self.spacings / spacing))
 
     def median_shape_at(self, spacing: np.ndarray) -> np.ndarray:

@@ -68,9 +68,11 @@ INTENSITY_WINDOWS: dict[str, tuple[float, float]] = {
 CT_WINDOW = INTENSITY_WINDOWS["ct"]
 MRI_WINDOW = INTENSITY_WINDOWS["mri"]
 
-# How a channel's intensities are brought to [0, 1]: CT in Hounsfield units, MRI, per-volume
-# min-max, or unchanged.
-INTENSITY_MODES = ("ct", "mri", "minmax", "none")
+# How a channel's intensities are normalised. To [0, 1], as the pre-trained weights expect: CT in
+# Hounsfield units, MRI, per-volume min-max, or unchanged ("none"). Standardised, for training
+# from scratch: "ct_foreground" (clipped to the data set's foreground percentiles, then z-scored
+# with the foreground's mean and std) and "zscore" (each volume by its own mean and std).
+INTENSITY_MODES = ("ct", "mri", "minmax", "none", "ct_foreground", "zscore")
 
 # Channel names (dataset.json's channel_names) taken as MRI, compared case-insensitively.
 _MRI_NAMES = frozenset(
@@ -863,14 +865,21 @@ def normalise_window(
     return out
 
 
-def normalise_intensity(array: np.ndarray, mode: str) -> np.ndarray:
-    """Bring a volume's intensities to [0, 1] as the pre-trained weights expect.
+def normalise_intensity(
+    array: np.ndarray, mode: str, params: dict[str, Any] | None = None
+) -> np.ndarray:
+    """Normalise a volume's intensities in one of `INTENSITY_MODES`.
 
     Args:
-        array: the volume.
+        array: the volume (one channel).
         mode: "ct" clips to `CT_WINDOW` ([-1000, 1000] HU) and scales to [0, 1]; "mri" clips to
             `MRI_WINDOW` ([0, 4000]); "minmax" scales the volume's own min..max to [0, 1] (a
-            constant volume gives zeros); "none" only casts.
+            constant volume gives zeros); "none" only casts; "ct_foreground" clips to
+            ``params["clip"]`` (the data set's foreground 0.5 and 99.5 percentiles), subtracts
+            ``params["mean"]`` and divides by ``params["std"]`` (the foreground's); "zscore"
+            subtracts the volume's own mean and divides by its own standard deviation (a
+            constant volume gives zeros).
+        params: "ct_foreground"'s clip, mean and std (the plan's); unused by the others.
 
     Returns:
         A float32 array of the same shape.
@@ -885,6 +894,24 @@ def normalise_intensity(array: np.ndarray, mode: str) -> np.ndarray:
     x = np.asarray(array, dtype=np.float32)
     if mode == "none":
         return x.copy() if x is array else x
+    if mode == "ct_foreground":
+        missing = [k for k in ("clip", "mean", "std") if not params or k not in params]
+        if missing:
+            raise ValueError(
+                "Expected intensity params with clip, mean and std for 'ct_foreground'. "
+                f"Received: params={params!r}"
+            )
+        lo, hi = (float(v) for v in params["clip"])
+        out = np.clip(x, lo, hi)
+        out -= np.float32(params["mean"])
+        out /= np.float32(max(float(params["std"]), 1e-8))
+        return out
+    if mode == "zscore":
+        out = x - np.float32(x.mean()) if x.size else x.copy()
+        std = float(x.std()) if x.size else 0.0
+        if std > 0:
+            out /= np.float32(std)
+        return out
     low = float(np.min(x)) if x.size else 0.0
     high = float(np.max(x)) if x.size else 0.0
     if high <= low:

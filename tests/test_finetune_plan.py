@@ -408,26 +408,12 @@ def test_intensity_follows_modality_and_pretraining():
     assert plan.reasons["intensity"].startswith("channel 0: CT from scratch")
 
 
-def test_normalise_planned_by_hand():
-    x = np.array([-2000.0, 0.0, 50.0, 100.0, 5000.0])
-    out = P.normalise_planned(x, "ct_foreground", {"clip": [0, 100], "mean": 50, "std": 25})
-    np.testing.assert_allclose(out, [-2.0, -2.0, 0.0, 2.0, 2.0])
-    assert out.dtype == np.float32
-    z = P.normalise_planned(np.array([1.0, 2.0, 3.0, 4.0]), "zscore")
-    np.testing.assert_allclose(z, (np.arange(1, 5) - 2.5) / math.sqrt(1.25), rtol=1e-6)
-    np.testing.assert_array_equal(P.normalise_planned(np.full(4, 7.0), "zscore"), np.zeros(4))
-    with pytest.raises(P.PlanInputError, match="clip, mean and std"):
-        P.normalise_planned(x, "ct_foreground", {})
-    with pytest.raises(P.PlanInputError, match="normalise_intensity"):
-        P.normalise_planned(x, "ct")
+def test_the_plan_modes_are_volume_io_modes():
+    import volume_io
 
-
-def test_the_modes_and_window_agree_with_finetune_volumes():
-    import finetune_volumes
-
-    assert F.CT_WINDOW == finetune_volumes.CT_WINDOW
-    assert F.VOLUME_INTENSITY_MODES == finetune_volumes.INTENSITY_MODES
-    assert not set(F.PLAN_INTENSITY_MODES) & set(finetune_volumes.INTENSITY_MODES)
+    assert F.ALL_INTENSITY_MODES == volume_io.INTENSITY_MODES
+    assert set(F.PLAN_INTENSITY_MODES) < set(volume_io.INTENSITY_MODES)
+    assert set(F.VOLUME_INTENSITY_MODES) | set(F.PLAN_INTENSITY_MODES) == set(F.ALL_INTENSITY_MODES)
 
 
 # ------------------------------------------------------------------------------------------

@@ -196,3 +196,15 @@ def test_resample_label_nearest_keeps_values_and_round_trips():
     back = vio.resample_image(up, g, label=True)
     assert vio.Geometry.of(back).differences(g) == []
     np.testing.assert_array_equal(vio.image_to_array(back), lab)
+
+
+def test_standardising_modes_by_hand():
+    x = np.array([-50.0, 0.0, 50.0, 100.0, 150.0])
+    out = vio.normalise_intensity(x, "ct_foreground", {"clip": [0, 100], "mean": 50, "std": 25})
+    np.testing.assert_allclose(out, [-2, -2, 0, 2, 2])
+    assert out.dtype == np.float32
+    z = vio.normalise_intensity(np.array([1.0, 2.0, 3.0, 4.0]), "zscore")
+    np.testing.assert_allclose(z, (np.arange(1, 5) - 2.5) / np.std(np.arange(1, 5)), rtol=1e-6)
+    np.testing.assert_array_equal(vio.normalise_intensity(np.full(4, 7.0), "zscore"), np.zeros(4))
+    with pytest.raises(ValueError, match="clip, mean and std"):
+        vio.normalise_intensity(x, "ct_foreground", {})

@@ -1,10 +1,16 @@
 #!/usr/bin/env python
 """A trivial segmentation baseline that looks at no voxel: a centred ellipsoid.
 
-Each test volume gets an ellipsoid centred in its grid whose semi-axes (in mm) are half the
-median extent, axis by axis, of the foreground in the training masks. On a data set whose
-crops are centred on the lesion (sts_ct), this prior already scores well, so a model is only
-useful where it beats it on the same cases.
+Each test volume gets an ellipsoid centred in its grid. Its semi-axes (in mm) come from the
+training masks, in one of two ways:
+
+* "margin" (default): the training crops leave a margin between the foreground's bounding box
+  and the volume's edge; the ellipsoid fills the test volume less that median margin, axis by
+  axis. On a data set cropped around its lesions (sts_ct: 5 cm around each tumour) this reads
+  the lesion's size off the crop's size, without looking at any voxel.
+* "fixed": half the median foreground extent of the training masks, the same for every case.
+
+A model is only useful where it beats this prior on the same cases.
 
 Example:
     .venv/bin/python benchmarks/centred_prior.py --labels ../shared/data/sts_ct/labelsTr \
@@ -80,34 +86,65 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return volume_io.image_to_array(image), tuple(image.GetSpacing())
 
 
-def prior_semi_axes(train_labels: Sequence[Path]) -> tuple[float, float, float]:
-    """Half the median foreground extent (mm) per axis over the training masks."""
-    extents = []
+def training_sizes(train_labels: Sequence[Path]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """From the training masks, per axis (mm): the median foreground extent, and the median
+    margin between the foreground's bounding box and the volume's edge (on one side)."""
+    extents, margins = [], []
     for path in train_labels:
         mask, spacing = _read(path)
         extent = foreground_extent_mm(mask, spacing)
         if any(extent):
             extents.append(extent)
+            size = [n * s for n, s in zip(mask.shape, spacing, strict=True)]
+            margins.append([(v - e) / 2.0 for v, e in zip(size, extent, strict=True)])
     if not extents:
         raise ValueError("Expected at least one training mask with foreground.")
-    return tuple(statistics.median(e[a] for e in extents) / 2.0 for a in range(3))
+    return (
+        tuple(statistics.median(e[a] for e in extents) for a in range(3)),
+        tuple(statistics.median(m[a] for m in margins) for a in range(3)),
+    )
+
+
+def prior_semi_axes(train_labels: Sequence[Path]) -> tuple[float, float, float]:
+    """Half the median foreground extent (mm) per axis over the training masks ("fixed")."""
+    extent, _ = training_sizes(train_labels)
+    return tuple(e / 2.0 for e in extent)
+
+
+def semi_axes_for(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    extent: Sequence[float],
+    margin: Sequence[float],
+    mode: str,
+) -> tuple[float, ...]:
+    """The ellipsoid's semi-axes (mm) for one volume: "fixed" (half the median extent) or
+    "margin" (half the volume's extent less twice the median margin, at least one voxel)."""
+    if mode == "fixed":
+        return tuple(e / 2.0 for e in extent)
+    if mode != "margin":
+        raise ValueError(f"Expected mode 'margin' or 'fixed'. Received: mode={mode!r}")
+    return tuple(
+        max(n * s - 2.0 * m, s) / 2.0 for n, s, m in zip(shape, spacing, margin, strict=True)
+    )
 
 
 def score_prior(
-    train_labels: Sequence[Path], test_labels: Sequence[Path]
-) -> tuple[tuple[float, float, float], dict[str, float]]:
+    train_labels: Sequence[Path], test_labels: Sequence[Path], mode: str = "margin"
+) -> dict[str, float]:
     """The prior sized from `train_labels`, scored on `test_labels`.
 
     Returns:
-        (the semi-axes in mm, {case name: Dice of the foreground}).
+        {case name: Dice of the foreground}.
     """
-    semi = prior_semi_axes(train_labels)
+    extent, margin = training_sizes(train_labels)
     scores = {}
     for path in test_labels:
         mask, spacing = _read(path)
         case = path.name.split(".")[0]
+        semi = semi_axes_for(mask.shape, spacing, extent, margin, mode)
         scores[case] = dice(ellipsoid_mask(mask.shape, spacing, semi), mask > 0)
-    return semi, scores
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", required=True, type=Path, help="folder of {case}.nii.gz")
     parser.add_argument("--train", nargs="+", required=True, help="cases that size the prior")
     parser.add_argument("--test", nargs="+", required=True, help="cases to score it on")
+    parser.add_argument("--mode", choices=("margin", "fixed"), default="margin")
     args = parser.parse_args(argv)
-    semi, scores = score_prior(
+    scores = score_prior(
         [args.labels / f"{c}.nii.gz" for c in args.train],
         [args.labels / f"{c}.nii.gz" for c in args.test],
+        args.mode,
     )
-    print("semi-axes (mm): " + " x ".join(f"{a:.1f}" for a in semi))
     for case, value in scores.items():
         print(f"{case}  {value:.3f}")
     print(f"mean Dice {statistics.fmean(scores.values()):.3f} over {len(scores)} cases")

@@ -56,11 +56,23 @@ def test_prior_sized_from_training_masks_scores_a_test_case(tmp_path):
         train.append(tmp_path / f"t{i}.nii.gz")
     # Median extents: x 10 mm, y 6 mm, z 4 voxels * 2 mm = 8 mm -> semi-axes 5, 3, 4.
     assert cp.prior_semi_axes(train) == (5.0, 3.0, 4.0)
+    # Margins (volume 20 x 20 x 20 mm less the extent, halved): 5, 7, 6 mm.
+    assert cp.training_sizes(train)[1] == (5.0, 7.0, 6.0)
     truth = cp.ellipsoid_mask((20, 20, 10), spacing, (5.0, 3.0, 4.0)).astype(np.uint8)
     _write(tmp_path / "case.nii.gz", truth, spacing)
-    semi, scores = cp.score_prior(train, [tmp_path / "case.nii.gz"])
-    assert scores == {"case": 1.0}
+    assert cp.score_prior(train, [tmp_path / "case.nii.gz"], "fixed") == {"case": 1.0}
     shifted = np.roll(truth, 3, axis=0)
     _write(tmp_path / "off.nii.gz", shifted, spacing)
-    _, scores = cp.score_prior(train, [tmp_path / "off.nii.gz"])
+    scores = cp.score_prior(train, [tmp_path / "off.nii.gz"], "fixed")
     assert scores["off"] == pytest.approx(cp.dice(truth > 0, shifted > 0)) and scores["off"] < 1
+
+
+def test_margin_prior_follows_the_test_volume_size():
+    extent, margin = (10.0, 6.0, 8.0), (5.0, 7.0, 6.0)
+    # A 40 x 30 x 20 mm volume less 2 x margin: 30, 16, 8 mm -> semi-axes 15, 8, 4.
+    assert cp.semi_axes_for((40, 30, 10), (1, 1, 2), extent, margin, "margin") == (15, 8, 4)
+    # Smaller than twice the margin: one voxel.
+    assert cp.semi_axes_for((8, 8, 4), (1, 1, 2), extent, margin, "margin") == (0.5, 0.5, 1)
+    assert cp.semi_axes_for((8, 8, 4), (1, 1, 2), extent, margin, "fixed") == (5, 3, 4)
+    with pytest.raises(ValueError, match="'margin' or 'fixed'"):
+        cp.semi_axes_for((8, 8, 4), (1, 1, 2), extent, margin, "round")

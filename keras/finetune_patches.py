@@ -2,13 +2,16 @@
 
 `SegmentationPatches` cuts patches on the fly from the prepared cases (`finetune_cases`):
 every third item of an epoch is centred on a foreground voxel (nnU-Net's share), the others
-start anywhere; volumes smaller than the patch are padded with 0.
+start anywhere; volumes smaller than the patch are padded with `image_fill` (labels with 0).
+With `augment` (`finetune_augment.AugmentSettings`), each patch is resampled from the whole
+case with a drawn rotation, scaling and mirroring, then its intensities are changed
+(`finetune_augment.augment_patch`); without it, a patch is a plain crop.
 
 Randomness: batch i of epoch e draws from ``np.random.default_rng([seed, e, i])`` alone, so a
 batch does not depend on the number of workers or on a resume.
 
 Imports: NumPy, Keras (the dataset is a ``keras.utils.PyDataset``), `unet3d` (the
-divisible-by-8 rule) and `finetune_cases`.
+divisible-by-8 rule), `finetune_cases` and `finetune_augment`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import keras
 import numpy as np
 
 import unet3d
+from finetune_augment import AugmentSettings, augment_patch
 from finetune_cases import FinetuneInputError, PreparedCase
 
 __all__ = [
@@ -158,6 +162,10 @@ class SegmentationPatches(keras.utils.PyDataset):
         data_format: "channels_first" or "channels_last".
         fixed_epoch: always draw epoch `fixed_epoch`'s batches (validation: the same patches
             every epoch, so val_loss is comparable); None follows `set_epoch`.
+        augment: what to draw for each patch; None (validation, the original's recipe): plain
+            crops, and the generator draws exactly what it drew without augmentation.
+        image_fill: the image's value outside the volume (0: air in the CT window; the
+            normalised minimum for standardised intensities).
         **kwargs: for `keras.utils.PyDataset` (workers, use_multiprocessing, max_queue_size).
     """
 
@@ -171,6 +179,8 @@ class SegmentationPatches(keras.utils.PyDataset):
         seed: int,
         data_format: str = "channels_first",
         fixed_epoch: int | None = None,
+        augment: AugmentSettings | None = None,
+        image_fill: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -180,6 +190,7 @@ class SegmentationPatches(keras.utils.PyDataset):
         self.patch = tuple(int(p) for p in patch)
         self.batch_size, self.n_classes, self.steps = int(batch_size), int(n_classes), int(steps)
         self.seed, self.data_format, self.fixed_epoch = int(seed), data_format, fixed_epoch
+        self.augment, self.image_fill = augment, float(image_fill)
         self._epoch = 0
         self._with_fg = [i for i, c in enumerate(self.cases) if c.has_foreground]
 
@@ -202,7 +213,13 @@ class SegmentationPatches(keras.utils.PyDataset):
             case = self.cases[int(rng.integers(len(self.cases)))]
             centre = None
         start = patch_start(case.label.shape, self.patch, rng, centre)
-        image = crop_padded(case.image, start, self.patch, 0.0)
+        if self.augment is not None:
+            middle = [s + p // 2 for s, p in zip(start, self.patch, strict=True)]
+            image, label = augment_patch(
+                case.image, case.label, middle, self.patch, self.augment, rng, self.image_fill
+            )
+            return image, label, on_fg
+        image = crop_padded(case.image, start, self.patch, self.image_fill)
         label = crop_padded(case.label, start, self.patch, 0)
         return image, label, on_fg
 

@@ -174,6 +174,31 @@ def test_sampler_third_foreground_padding_and_determinism(tmp_path):
     assert ds2[1][0].tobytes() != x.tobytes()
 
 
+def test_sampler_with_augmentation(tmp_path):
+    from finetune_augment import AugmentSettings
+
+    _, _, cases = _prepared(tmp_path, n_cases=2, size=(40, 40, 24))
+    plain = SegmentationPatches(cases, (16, 16, 8), 3, 2, steps=3, seed=2)
+    # Settings that draw nothing: the same crops, byte for byte.
+    off = SegmentationPatches(
+        cases, (16, 16, 8), 3, 2, steps=3, seed=2, augment=AugmentSettings.none()
+    )
+    for i in range(3):
+        assert off[i][0].tobytes() == plain[i][0].tobytes()
+        assert off[i][1].tobytes() == plain[i][1].tobytes()
+    # Every transform on every patch: shapes, one-hot labels, the same seed the same bytes.
+    busy = AugmentSettings(p_rotation=1, p_scale=1, p_gamma=1, p_noise=1, p_brightness=1)
+    aug = SegmentationPatches(cases, (16, 16, 8), 3, 2, steps=3, seed=2, augment=busy)
+    x, y = aug[1]
+    assert x.shape == (3, 1, 16, 16, 8) and x.dtype == np.float32 and y.shape == (3, 2, 16, 16, 8)
+    np.testing.assert_array_equal(y.sum(1), 1)
+    assert x.tobytes() != plain[1][0].tobytes()
+    again = SegmentationPatches(cases, (16, 16, 8), 3, 2, steps=3, seed=2, augment=busy)
+    assert again[1][0].tobytes() == x.tobytes() and again[1][1].tobytes() == y.tobytes()
+    # Item 2 of batch 0 is centred on foreground: the rotated label patch still holds some.
+    assert aug[0][1][2, 1].sum() > 0
+
+
 def test_foreground_share_over_many_batches(tmp_path):
     _, _, cases = _prepared(tmp_path, n_cases=2, size=(40, 40, 24))
     ds = SegmentationPatches(cases, (8, 8, 8), 4, 2, steps=30, seed=0)

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Which fine-tuning recipe, by cross-validation on the 36 sts_ct cases, in one command.
+
+The cases are split into K folds (a seeded permutation). For each fold and each arm, the
+arm's `finetune.py train` runs on the other folds' cases (its own validation split comes out of
+those), `finetune.py predict` segments the fold's cases with and without mirroring, and the
+per-case Dice is computed here, with and without keeping only the largest connected tumour.
+Beside the arms, the same held-out cases are scored by two centred ellipsoids sized from the
+training folds' masks (benchmarks/centred_prior.py), which look at no voxel.
+
+Every arm trains the same way apart from its recipe: scratch, `--n_base_filters 8
+--batch_size 2 --patch 64 64 32 --epochs 64 --steps_per_epoch 8` (the CPU budget of
+docs/finetuning.md's sts_ct example). Arms:
+
+* default: the project's default recipe (plan, augmentation, loss, schedule);
+* original: `--recipe original` (the original's settings; channels-last only for speed, the
+  same arithmetic);
+* further arms with `--arm NAME='FLAGS'`.
+
+Each (arm, fold) keeps its outputs in --out and is skipped on a rerun when done with the same
+settings. Prints a table; writes recipe.json and recipe.png.
+
+Example:
+    .venv/bin/python benchmarks/bench_recipe.py                        # 3 folds, both arms
+    .venv/bin/python benchmarks/bench_recipe.py --tiny                 # smoke test, minutes
+    .venv/bin/python benchmarks/bench_recipe.py --arm sgd='--optimizer sgd --lr 0.01'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "keras"))
+from common import save_figure, write_json  # noqa: E402
+
+import centred_prior  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+STS = SHARED / "sts_ct"
+BUDGET = [
+    *("--weights", "none", "--n_base_filters", "8", "--batch_size", "2"),
+    *("--patch", "64", "64", "32", "--epochs", "64", "--steps_per_epoch", "8"),
+]
+TINY_BUDGET = [
+    *("--weights", "none", "--n_base_filters", "4", "--batch_size", "2"),
+    *("--patch", "32", "32", "16", "--epochs", "2", "--steps_per_epoch", "2"),
+    *("--validation_steps", "1"),
+]
+ARMS = {
+    "default": [],
+    "original": ["--recipe", "original", "--data_format", "channels_last"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list, log_path: Path) -> float:
+    """Run a command, its output into `log_path`; seconds taken. Stops on failure."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    log("$ " + " ".join(str(c) for c in cmd))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        rc = subprocess.call([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        raise SystemExit(f"command failed ({rc}), log {log_path}:\n" + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def all_cases() -> list[str]:
+    return sorted(p.name[: -len(".nii.gz")] for p in (STS / "labelsTr").glob("*.nii.gz"))
+
+
+def folds_of(cases: list[str], k: int, seed: int) -> list[list[str]]:
+    """K folds of a seeded permutation of the cases, each sorted."""
+    order = np.random.default_rng(seed).permutation(len(cases))
+    return [sorted(cases[i] for i in order[f::k]) for f in range(k)]
+
+
+def case_folder(dst: Path, cases: list[str]) -> Path:
+    """An nnU-Net-layout folder of the given cases (symbolic links) and its dataset.json."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    for case in cases:
+        name = f"{case}_0000.nii.gz"
+        (dst / "imagesTr" / name).symlink_to(STS / "imagesTr" / name)
+        (dst / "labelsTr" / f"{case}.nii.gz").symlink_to(STS / "labelsTr" / f"{case}.nii.gz")
+    meta = json.loads((STS / "dataset.json").read_text())
+    meta["numTraining"] = len(cases)
+    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return dst
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Only the largest 26-connected piece of a boolean mask (empty stays empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def score_folder(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, float]]:
+    """Per case, the tumour Dice of the prediction as written, and of its largest piece."""
+    import volume_io
+
+    out: dict[str, dict[str, float]] = {"raw": {}, "largest": {}}
+    for case in cases:
+        truth = volume_io.image_to_array(volume_io.read_image(STS / "labelsTr" / f"{case}.nii.gz"))
+        pred = volume_io.image_to_array(volume_io.read_image(pred_dir / f"{case}.nii.gz"))
+        out["raw"][case] = centred_prior.dice(pred > 0, truth > 0)
+        out["largest"][case] = centred_prior.dice(largest_component(pred > 0), truth > 0)
+    return out
+
+
+def one_run(
+    out: Path,
+    arm: str,
+    flags: list[str],
+    fold: int,
+    train: list,
+    test: list,
+    budget: list,
+    seed: int,
+    py: str,
+) -> dict:
+    folder = out / arm / f"fold{fold}"
+    digest = hashlib.sha256(json.dumps([flags, budget, train, test, seed]).encode()).hexdigest()
+    result_path = folder / "result.json"
+    if result_path.exists() and json.loads(result_path.read_text()).get("digest") == digest:
+        log(f"{arm} fold {fold}: kept")
+        return json.loads(result_path.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    data = case_folder(folder / "data", train)
+    tests = case_folder(folder / "test", test)
+    finetune = ROOT / "keras" / "finetune.py"
+    t_train = run(
+        [
+            py,
+            finetune,
+            "train",
+            "--data",
+            data,
+            "--output",
+            folder / "run",
+            *budget,
+            *flags,
+            "--seed",
+            seed,
+            "--verbose",
+            2,
+        ],
+        folder / "train.log",
+    )
+    scores, seconds = {}, {"train": round(t_train, 1)}
+    for tta in ("off", "on"):
+        pred = folder / f"pred_tta_{tta}"
+        seconds[f"predict_tta_{tta}"] = round(
+            run(
+                [
+                    py,
+                    finetune,
+                    "predict",
+                    "--model",
+                    folder / "run",
+                    "--input",
+                    tests / "imagesTr",
+                    "--output",
+                    pred,
+                    "--tta",
+                    tta,
+                    "--postprocess",
+                    "none",
+                ],
+                folder / f"predict_tta_{tta}.log",
+            ),
+            1,
+        )
+        for post, values in score_folder(pred, test).items():
+            scores[f"tta_{tta}/{post}"] = values
+    result = {
+        "arm": arm,
+        "fold": fold,
+        "flags": flags,
+        "train_cases": train,
+        "test_cases": test,
+        "dice": scores,
+        "seconds": seconds,
+        "digest": digest,
+    }
+    write_json(str(result_path), result)
+    return result
+
+
+def summary_rows(results: list[dict], priors: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per (arm, prediction variant): mean and spread of the per-case Dice pooled over
+    folds, and the spread of the fold means."""
+    rows = []
+    variants = sorted({v for r in results for v in r["dice"]})
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        for v in variants:
+            per_fold = [r["dice"][v] for r in results if r["arm"] == arm and v in r["dice"]]
+            pooled = [d for f in per_fold for d in f.values()]
+            means = [statistics.fmean(f.values()) for f in per_fold]
+            rows.append(_row(f"{arm} ({v})", pooled, means))
+    for name, per_case in priors.items():
+        rows.append(_row(f"centred ellipsoid, {name}", list(per_case.values()), None))
+    return rows
+
+
+def _row(name: str, pooled: list[float], fold_means: list[float] | None) -> dict:
+    return {
+        "name": name,
+        "cases": len(pooled),
+        "mean": statistics.fmean(pooled),
+        "case_std": statistics.stdev(pooled) if len(pooled) > 1 else 0.0,
+        "fold_std": statistics.stdev(fold_means) if fold_means and len(fold_means) > 1 else None,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| arm (prediction) | cases | mean Dice | sd over cases | sd of fold means |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fold = "" if r["fold_std"] is None else f"{r['fold_std']:.3f}"
+        lines.append(
+            f"| {r['name']} | {r['cases']} | {r['mean']:.3f} | {r['case_std']:.3f} | {fold} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], results: list[dict], priors: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
+        if r["name"].startswith("centred ellipsoid"):
+            values = list(priors[r["name"].split(", ")[1]].values())
+        else:
+            arm, v = r["name"][:-1].split(" (")
+            values = [d for res in results if res["arm"] == arm for d in res["dice"][v].values()]
+        ax.scatter(
+            values, np.full(len(values), i) + np.linspace(-0.2, 0.2, len(values)), s=8, alpha=0.5
+        )
+        ax.plot([r["mean"]] * 2, [i - 0.3, i + 0.3], color="black")
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
+    ax.set_xlabel("tumour Dice per held-out case (bar: mean)")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipe")
+    parser.add_argument("--folds", type=int, default=3, help="K (default: 3)")
+    parser.add_argument(
+        "--only_folds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run only these folds (default: all)",
+    )
+    parser.add_argument("--split_seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="default: all")
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME='FLAGS'",
+        help="another arm: its train flags",
+    )
+    parser.add_argument("--tiny", action="store_true", help="a smoke test: 2 folds of 3 cases")
+    args = parser.parse_args(argv)
+    if not STS.is_dir():
+        raise SystemExit(f"Expected the sts_ct data set at {STS} (see ../shared/data/README.md).")
+    arms = {name: ARMS[name] for name in args.arms}
+    for item in args.arm:
+        name, _, flags = item.partition("=")
+        arms[name] = shlex.split(flags)
+    cases = all_cases()
+    budget = BUDGET
+    if args.tiny:
+        cases, budget, args.folds = cases[:6], TINY_BUDGET, 2
+    folds = folds_of(cases, args.folds, args.split_seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, priors = [], {"margin": {}, "fixed": {}}
+    for f in args.only_folds if args.only_folds is not None else range(args.folds):
+        test = folds[f]
+        train = sorted(c for c in cases if c not in test)
+        labels = STS / "labelsTr"
+        for mode in priors:
+            priors[mode].update(
+                centred_prior.score_prior(
+                    [labels / f"{c}.nii.gz" for c in train],
+                    [labels / f"{c}.nii.gz" for c in test],
+                    mode,
+                )
+            )
+        for arm, flags in arms.items():
+            results.append(
+                one_run(args.out, arm, flags, f, train, test, budget, args.seed, sys.executable)
+            )
+    rows = summary_rows(results, priors)
+    print(table(rows))
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    write_json(
+        str(args.out / "recipe.json"),
+        {
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": commit,
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "command": " ".join(sys.argv),
+            "rows": rows,
+            "priors": priors,
+            "runs": results,
+        },
+    )
+    plot(rows, results, priors, args.out / "recipe.png")
+    log(f"wrote {args.out / 'recipe.json'} and recipe.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

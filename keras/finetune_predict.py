@@ -133,9 +133,11 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [int(round(i * actual)) for i in range(n)]
 
 
-def _pad_to(volume: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
-    # Centred zero padding (0 is the bottom of every intensity window) up to the patch, and
-    # the slices that crop it back.
+def _pad_to(
+    volume: np.ndarray, patch: Sequence[int], fill: float = 0.0
+) -> tuple[np.ndarray, tuple[slice, ...]]:
+    # Centred padding with `fill` (0 is the bottom of every intensity window) up to the patch,
+    # and the slices that crop it back.
     pads = []
     crop = [slice(None)]
     for n, p in zip(volume.shape[1:], patch, strict=True):
@@ -145,7 +147,7 @@ def _pad_to(volume: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, tuple
         crop.append(slice(before, before + n))
     if not any(a or b for a, b in pads):
         return volume, tuple(crop)
-    return np.pad(volume, [(0, 0), *pads]), tuple(crop)
+    return np.pad(volume, [(0, 0), *pads], constant_values=fill), tuple(crop)
 
 
 def sliding_window_predict(
@@ -156,12 +158,16 @@ def sliding_window_predict(
     overlap: float = 0.5,
     batch_size: int = 2,
     gaussian: bool = True,
+    mirror_axes: Sequence[int] = (),
+    fill: float = 0.0,
 ) -> np.ndarray:
     """Class probabilities over a whole volume from windows of the patch size.
 
     Each window's output is multiplied by the window weight (a Gaussian, or ones) and added
     up; the sum is divided by the summed weights. A volume smaller than the patch is padded
-    (centred, with zeros) and the result cropped back.
+    (centred, with `fill`) and the result cropped back. With `mirror_axes` (test-time
+    augmentation), each window is also predicted flipped along every combination of those
+    axes, flipped back, and the outputs averaged: ``2 ** len(mirror_axes)`` predictions.
 
     Args:
         predict_batch: maps a float32 batch ``(B, channels, R, C, D)`` to ``(B, n_classes,
@@ -172,6 +178,8 @@ def sliding_window_predict(
         overlap: the fraction of a window that neighbours share, in [0, 1).
         batch_size: windows per call of `predict_batch`.
         gaussian: Gaussian weighting (sigma 1/8 of the patch); False weights all voxels alike.
+        mirror_axes: spatial axes (0, 1, 2 for X, Y, Z) to mirror; () predicts once.
+        fill: the value of the padding (the normalised image's background).
 
     Returns:
         ``(n_classes, X, Y, Z)`` float32 probabilities.
@@ -183,7 +191,14 @@ def sliding_window_predict(
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"Expected 0 <= overlap < 1. Received: overlap={overlap}")
     patch = tuple(int(p) for p in patch)
-    padded, crop = _pad_to(np.asarray(volume, dtype=np.float32), patch)
+    axes = sorted({int(a) for a in mirror_axes})
+    if any(a not in (0, 1, 2) for a in axes):
+        raise ValueError(f"Expected mirror axes among 0, 1, 2. Received: {tuple(mirror_axes)}")
+    # Every subset of the axes, as axes of a (B, channels, R, C, D) batch.
+    flips = [
+        tuple(2 + a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(2 ** len(axes))
+    ]
+    padded, crop = _pad_to(np.asarray(volume, dtype=np.float32), patch, fill)
     shape = padded.shape[1:]
     weight = gaussian_importance(patch) if gaussian else np.ones(patch, np.float32)
     total = np.zeros((n_classes, *shape), np.float32)
@@ -206,7 +221,12 @@ def sliding_window_predict(
             # trace again. The filler windows' outputs are dropped.
             filler = np.zeros((batch_size - len(chunk), *batch.shape[1:]), np.float32)
             batch = np.concatenate([batch, filler])
-        out = np.asarray(predict_batch(batch), dtype=np.float32)[: len(chunk)]
+        out = None
+        for flip in flips:
+            one = np.asarray(predict_batch(np.flip(batch, flip) if flip else batch), np.float32)
+            one = np.flip(one, flip) if flip else one
+            out = one if out is None else out + one
+        out = out[: len(chunk)] / np.float32(len(flips))
         if out.shape != (len(chunk), n_classes, *patch):
             raise ValueError(
                 f"Expected the model to return {(len(chunk), n_classes, *patch)} per batch "
@@ -217,6 +237,32 @@ def sliding_window_predict(
             norm[w] += weight
     total /= norm
     return total[crop]
+
+
+POSTPROCESSING = ("none", "largest_component")
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep, for each foreground class, only its largest 26-connected piece; the rest becomes
+    background (0).
+
+    Args:
+        labels: a label map of class indices (X, Y, Z).
+
+    Returns:
+        A new label map of the same shape and dtype.
+    """
+    from scipy import ndimage
+
+    out = np.zeros_like(labels)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        pieces, n = ndimage.label(labels == value, structure=np.ones((3, 3, 3), bool))
+        if n:
+            sizes = np.bincount(pieces.ravel())[1:]
+            out[pieces == 1 + int(np.argmax(sizes))] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------

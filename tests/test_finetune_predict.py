@@ -143,6 +143,57 @@ def test_sliding_window_small_volume_is_padded_centred_and_cropped_back():
     np.testing.assert_allclose(got, out[:, 1:6, 0:8, 0:3], rtol=1e-6)
 
 
+def _ramp_model(batch):
+    # Not mirror-symmetric: the tumour score grows with the window's x index.
+    ramp = np.arange(batch.shape[2], dtype=np.float32)[None, :, None, None]
+    score = batch[:, 0] + 0.1 * ramp
+    return np.stack([1 - score, score], axis=1)
+
+
+def test_mirroring_averages_the_flipped_predictions():
+    rng = np.random.default_rng(4)
+    volume = rng.random((1, 8, 8, 4)).astype(np.float32)  # one window: no overlap to weigh
+    plain = fp.sliding_window_predict(_ramp_model, volume, (8, 8, 4), 2)
+    # A voxelwise model is unchanged by mirroring.
+    same = fp.sliding_window_predict(_window_model, volume, (8, 8, 4), 2, mirror_axes=(0, 1, 2))
+    np.testing.assert_allclose(
+        same, fp.sliding_window_predict(_window_model, volume, (8, 8, 4), 2), rtol=1e-6
+    )
+    # Mirroring x: the ramp and its reverse average to their mean, 0.1 * 3.5, everywhere.
+    got = fp.sliding_window_predict(_ramp_model, volume, (8, 8, 4), 2, mirror_axes=(0,))
+    np.testing.assert_allclose(got[1], volume[0] + 0.35, rtol=1e-5)
+    np.testing.assert_allclose(plain[1], volume[0] + 0.1 * np.arange(8)[:, None, None], rtol=1e-5)
+    # Mirroring y and z only leaves the x ramp as it is.
+    yz = fp.sliding_window_predict(_ramp_model, volume, (8, 8, 4), 2, mirror_axes=(1, 2))
+    np.testing.assert_allclose(yz, plain, rtol=1e-5)
+    with pytest.raises(ValueError, match="mirror axes"):
+        fp.sliding_window_predict(_ramp_model, volume, (8, 8, 4), 2, mirror_axes=(3,))
+
+
+def test_padding_uses_the_fill_value():
+    volume = np.ones((1, 4, 8, 4), np.float32)
+    got = fp.sliding_window_predict(_window_model, volume, (8, 8, 4), 2, fill=-2.0)
+    # By hand: one window, the volume at x 2..5, the fill around it (the model sees its mean).
+    padded = np.full((1, 8, 8, 4), -2.0, np.float32)
+    padded[:, 2:6] = 1.0
+    np.testing.assert_allclose(got, _window_model(padded[None])[0][:, 2:6], rtol=1e-6)
+    zero = fp.sliding_window_predict(_window_model, volume, (8, 8, 4), 2)
+    assert not np.allclose(got, zero)
+
+
+def test_keep_largest_component_by_hand():
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[0:3, 0:3, 0:3] = 1  # 27 voxels
+    labels[6:8, 6:8, 6:8] = 1  # 8 voxels: dropped
+    labels[3, 3, 3] = 1  # touches the big one at a corner (26-connected): kept
+    labels[0, 9, 0] = 2  # class 2 alone: kept
+    out = fp.keep_largest_component(labels)
+    assert out.dtype == labels.dtype
+    assert (out == 1).sum() == 28 and out[3, 3, 3] == 1 and out[7, 7, 7] == 0
+    assert out[0, 9, 0] == 2
+    np.testing.assert_array_equal(fp.keep_largest_component(np.zeros((3, 3, 3), np.uint8)), 0)
+
+
 def test_sliding_window_bad_arguments():
     vol = np.zeros((1, 8, 8, 8), np.float32)
     with pytest.raises(ValueError, match="overlap"):

@@ -3,9 +3,9 @@
 Every field of `config.models_genesis_config` is a command-line flag (see `--help` and
 docs/pretraining.md). This script parses them and hands the config to
 `genesis_trainer.run_with_oom_retry`, imported only afterwards so `--help` and bad flags
-answer without loading Keras. Bad input found before training (missing cube files, unfitting
-weights, an existing run) is reported as one line with exit status 2; errors during training
-keep their traceback.
+answer without loading Keras. Bad input (missing cube files, unfitting weights, an existing
+run: `genesis_trainer.PretrainingInputError`) is reported as one line with exit status 2; every
+other error keeps its traceback.
 
 Outputs, in `--model_path` (default `pretrained_weights/`):
   {exp_name}.h5           best weights so far (lowest val_loss): a Keras .h5 model file

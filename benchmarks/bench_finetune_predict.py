@@ -18,7 +18,6 @@ example: .venv/bin/python benchmarks/bench_finetune_predict.py --crop 192 192
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_base_filters": args.n_base_filters,
             "seed": 0,
         }
-        with open(os.path.join(run, "finetune_config.json"), "w") as f:
-            json.dump(config, f)
+        write_json(os.path.join(run, "finetune_config.json"), config)
 
         # The same windows, cut beforehand.
         volume = fv.normalise_intensity(fv.image_to_array(fv.read_image(volume_path)), "ct")

@@ -15,7 +15,7 @@
 
 Every stage keeps its outputs in --out and is skipped on a rerun when its outputs exist with the
 same settings, so an interrupted benchmark continues where it stopped. A variant changes one
-setting and reuses what it shares with an earlier run (docs/benchmarks.md lists those measured).
+setting and reuses what it shares with an earlier run (benchmarks/HISTORY.md lists those measured).
 
 Scales: `--scale cpu` (default; a U-Net with 8 base filters, about half an hour on a 2-core
 machine) and `--scale gpu` (the published 32-filter network, longer budgets). `--tiny` shrinks

@@ -34,7 +34,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from config import FIELD_CHOICES, FIELD_HELP, models_genesis_config
+from config import FIELD_CHOICES, FIELD_HELP, PretrainingInputError, models_genesis_config
 
 EXAMPLE = """\
 example (a small run on the demo's cubes, under a minute on a CPU):
@@ -132,7 +132,7 @@ def parse_config(argv: Sequence[str] | None = None) -> models_genesis_config:
     given = vars(parser.parse_args(argv))  # only the flags given: defaults are suppressed
     try:
         return models_genesis_config(**given)
-    except ValueError as exc:
+    except PretrainingInputError as exc:  # the config's own checks of the values
         parser.error(str(exc))  # exits with status 2 and the usage line
 
 

@@ -34,7 +34,7 @@ import keras
 import numpy as np
 
 import unet3d
-from config import models_genesis_config
+from config import PretrainingInputError, models_genesis_config
 from genesis_callbacks import (
     AtomicBestCheckpoint,
     CollapseWarning,
@@ -87,13 +87,6 @@ EXTRACTION_HINT = (
 )
 # unet_model_3d's default depth 4 pools three times by 2.
 POOLING_FACTOR = 2**3
-
-
-class PretrainingInputError(ValueError):
-    """Bad pre-training input (files, flags, weights, folders), found where it is checked.
-
-    `Genesis_Chest_CT.py` prints it in one line and exits with status 2.
-    """
 
 
 @dataclasses.dataclass

@@ -287,6 +287,11 @@ def check_settings(settings: FinetuneSettings) -> None:
         raise FinetuneInputError(
             f"Expected --loss in {SEGMENTATION_LOSSES}. Received: {settings.loss!r}"
         )
+    if settings.data_format not in ("channels_first", "channels_last"):
+        raise FinetuneInputError(
+            "Expected --data_format channels_first or channels_last. Received: "
+            f"{settings.data_format!r}"
+        )
     if settings.bn_momentum is not None and not 0.0 <= settings.bn_momentum < 1.0:
         raise FinetuneInputError(
             f"Expected --bn_momentum in [0, 1). Received: {settings.bn_momentum}"

@@ -5,7 +5,7 @@ original's ``mean_iou`` (the mean over thresholds 0.5, 0.55, .., 0.95 of the two
 between ``prediction > t`` and the truth, background included), from the saved probabilities
 when predict wrote them, else from the label map's one-hot. Mean and median over cases; a JSON
 report, a CSV beside it, and a PNG per case (the axial slice with the most foreground, with
-the label's and the prediction's outlines).
+the label's and the prediction's outlines, drawn with matplotlib).
 
 Classification: ROC AUC (the Mann-Whitney statistic, ties counted one half) and accuracy from
 the CSV that predict writes, and the ROC curve as a PNG.
@@ -57,7 +57,7 @@ Segmentation: label maps in PRED_DIR paired by case with LABEL_DIR ({case}{ext} 
 Per case and per foreground class: Dice, IoU and the original's mean_iou (background included,
 thresholds 0.5..0.95; from {case}.npz probabilities when predict saved them). Writes
 REPORT.json, REPORT.csv beside it and REPORT_png/{case}.png (the axial slice with the most
-foreground: label outline green, prediction outline red, on the image with --images).
+foreground: label outline green, prediction outline red and dashed, on the image with --images).
 
 Classification: --predictions is the CSV predict wrote (or its folder); labels come from its
 label column, or --labels y.npy / a candidates CSV with a class column. Writes ROC AUC and
@@ -242,25 +242,27 @@ def accuracy(labels: Sequence[int], predicted: Sequence[int]) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Pictures (Pillow)
+# Pictures (matplotlib, Agg)
 # --------------------------------------------------------------------------------------------
 
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    # A pixel of the mask with a 4-neighbour outside it.
-    m = np.pad(mask, 1)
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    return mask & ~inner
+# Outline colours of the case pictures (the legend names them).
+LABEL_COLOUR, PREDICTION_COLOUR = "#00ff00", "#ff0000"
 
 
-def _grey(slice_xy: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    if slice_xy is None:
-        return np.zeros(shape, np.uint8)
-    x = slice_xy.astype(np.float32)
-    lo, hi = np.percentile(x, [1, 99]) if x.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return (np.clip((x - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+def _figure(size: tuple[float, float]) -> Any:
+    """A matplotlib figure drawn by the Agg canvas (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, path: str) -> None:
+    """Write the figure as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def most_foreground_slice(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -280,6 +282,12 @@ def most_foreground_slice(truth: np.ndarray, pred: np.ndarray) -> int:
     return truth.shape[2] // 2
 
 
+def _grey_range(slice_xy: np.ndarray) -> tuple[float, float]:
+    # The 1st to 99th percentile: a few very bright or dark voxels do not wash the slice out.
+    lo, hi = (float(v) for v in np.percentile(slice_xy, [1, 99]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
 def save_case_png(
     path: str,
     truth: np.ndarray,
@@ -289,37 +297,50 @@ def save_case_png(
 ) -> int:
     """Draw the slice with the most foreground: the image in grey, outlines of truth and prediction.
 
-    The truth's outline is green, the prediction's red, where both agree yellow. x runs across
-    the picture, y down.
+    The label's outline is green, the prediction's red and dashed; the legend names them. The
+    title gives the case, the slice and the foreground Dice on the slice and over the volume.
+    x runs across the picture, y down.
 
     Args:
         path: the PNG to write (atomically).
         truth: the label map (x, y, z).
         pred: the predicted label map.
         image: the image on the same grid, or None for a black background.
-        title: text in the top-left corner.
+        title: the case's name.
 
     Returns:
         The z index drawn.
     """
-    from PIL import Image, ImageDraw
+    from matplotlib.lines import Line2D
 
     z = most_foreground_slice(truth, pred)
-    t = truth[:, :, z].T > 0
-    p = pred[:, :, z].T > 0
-    grey = _grey(None if image is None else image[:, :, z].T, t.shape)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    ot, op = _outline(t), _outline(p)
-    rgb[ot] = (0, 255, 0)
-    rgb[op] = (255, 0, 0)
-    rgb[ot & op] = (255, 255, 0)
-    picture = Image.fromarray(rgb, "RGB")
-    scale = max(1, int(np.ceil(256 / max(t.shape))))
-    if scale > 1:
-        picture = picture.resize((t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST)
-    ImageDraw.Draw(picture).text((4, 4), f"{title} z={z}".strip(), fill=(255, 255, 255))
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    t, p = truth[:, :, z].T > 0, pred[:, :, z].T > 0
+    background = np.zeros(t.shape, np.float32) if image is None else image[:, :, z].T
+    lo, hi = _grey_range(background) if image is not None else (0.0, 1.0)
+    fig = _figure((5, 4))
+    ax = fig.add_subplot()
+    ax.imshow(background, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    for mask, colour, style in ((t, LABEL_COLOUR, "solid"), (p, PREDICTION_COLOUR, "dashed")):
+        if 0 < np.count_nonzero(mask) < mask.size:  # a contour needs both sides
+            ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.5, linestyles=style)
+    ax.legend(
+        handles=[
+            Line2D([], [], color=LABEL_COLOUR, lw=1.5, label="label"),
+            Line2D([], [], color=PREDICTION_COLOUR, lw=1.5, ls="--", label="prediction"),
+        ],
+        loc="upper right",
+        fontsize=8,
+        framealpha=0.8,
+    )
+    slice_dice = dice_iou(p, t)[0]
+    volume_dice = dice_iou(pred > 0, truth > 0)[0]
+    name = f"{title}: " if title else ""
+    ax.set_title(
+        f"{name}slice z={z}, Dice {slice_dice:.3f} (volume {volume_dice:.3f})", fontsize=10
+    )
+    ax.set_xlabel("x (voxels)")
+    ax.set_ylabel("y (voxels)")
+    _save_png(fig, path)
     return z
 
 
@@ -330,26 +351,20 @@ def save_roc_png(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float) -> Non
         path: the PNG.
         fpr: false positive rates.
         tpr: true positive rates.
-        auc: the area, printed on the picture.
+        auc: the area, in the legend and the title.
     """
-    from PIL import Image, ImageDraw
-
-    size, margin = 400, 40
-    picture = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(picture)
-    span = size - 2 * margin
-
-    def xy(f: float, t: float) -> tuple[float, float]:
-        return margin + f * span, size - margin - t * span
-
-    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
-    draw.line([xy(float(f), float(t)) for f, t in zip(fpr, tpr, strict=True)], fill="blue", width=2)
-    draw.text((margin, 10), f"ROC  AUC = {auc:.3f}", fill="black")
-    draw.text((size // 2 - 60, size - margin + 12), "false positive rate", fill="black")
-    draw.text((4, margin - 14), "true positive rate", fill="black")
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    fig = _figure((5, 4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="chance (AUC 0.5)")
+    ax.plot(fpr, tpr, color="tab:blue", lw=2, drawstyle="default", label=f"ROC (AUC {auc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC curve, AUC = {auc:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

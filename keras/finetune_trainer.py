@@ -40,7 +40,6 @@ import os
 from typing import Any
 
 import keras
-import numpy as np
 
 import unet3d
 from finetune_data import FinetuneInputError
@@ -270,52 +269,42 @@ def _read_log(path: str) -> dict[str, list[float]]:
 def draw_curves(log_csv: str, png: str, metric: str) -> None:
     """A PNG of loss and `metric` per epoch (training and validation) from the CSV log.
 
-    Drawn with Pillow (no plotting library needed); written atomically.
+    Two panels side by side, epochs counted from 1, drawn with matplotlib's Agg canvas and
+    written atomically.
 
     Args:
         log_csv: the training log.
         png: the picture.
         metric: the second panel's column (e.g. "dice_coef").
     """
-    from PIL import Image, ImageDraw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cols = _read_log(log_csv)
-    epochs = cols.get("epoch", [])
-    width, height, pad = 640, 260, 40
-    img = Image.new("RGB", (width, 2 * height), "white")
-    draw = ImageDraw.Draw(img)
-    colours = {"train": (31, 119, 180), "val": (255, 127, 14)}
-    for panel, name in enumerate(("loss", metric)):
-        top = panel * height
-        box = (pad, top + 25, width - 15, top + height - pad)
-        draw.rectangle(box, outline="black")
-        draw.text((pad, top + 6), f"{name} (blue: training, orange: validation)", fill="black")
-        series = {"train": cols.get(name, []), "val": cols.get("val_" + name, [])}
-        values = [v for s in series.values() for v in s if np.isfinite(v)]
-        if not epochs or not values:
-            continue
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
-        draw.text((4, box[1]), f"{hi:.3g}", fill="black")
-        draw.text((4, box[3] - 10), f"{lo:.3g}", fill="black")
-        draw.text((box[0], box[3] + 4), f"epoch {int(epochs[0]) + 1}", fill="black")
-        draw.text((box[2] - 60, box[3] + 4), f"epoch {int(epochs[-1]) + 1}", fill="black")
-        span = max(1, len(epochs) - 1)
-        for key, ys in series.items():
-            pts = [
-                (
-                    box[0] + (box[2] - box[0]) * i / span,
-                    box[3] - (box[3] - box[1]) * (y - lo) / (hi - lo),
-                )
-                for i, y in enumerate(ys)
-                if np.isfinite(y)
-            ]
-            if len(pts) > 1:
-                draw.line(pts, fill=colours[key], width=2)
-            for x, y in pts:
-                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colours[key])
+    epochs = [int(e) + 1 for e in cols.get("epoch", [])]
+    fig = Figure(figsize=(8, 3.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, name in zip(fig.subplots(1, 2), ("loss", metric), strict=True):
+        for key, label, colour in (
+            (name, "training", "tab:blue"),
+            (f"val_{name}", "validation", "tab:orange"),
+        ):
+            ys = cols.get(key, [])
+            if epochs and ys:
+                ax.plot(epochs, ys, marker="o", ms=3, color=colour, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        else:
+            ax.text(
+                0.5, 0.5, "no epoch logged yet", ha="center", va="center", transform=ax.transAxes
+            )
     with atomic_path(png) as tmp:
-        img.save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 class CurvesPicture(keras.callbacks.Callback):

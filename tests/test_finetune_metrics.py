@@ -197,25 +197,47 @@ def _read(path):
     return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), (2, 1, 0))
 
 
-def test_case_png_outlines(tmp_path):
-    truth = np.zeros((8, 6, 3), np.uint8)
-    truth[1:7, 1:5, 2] = 1
+def _case_masks():
+    truth = np.zeros((24, 20, 3), np.uint8)
+    truth[4:16, 4:12, 2] = 1  # 96 voxels
     pred = np.zeros_like(truth)
-    pred[1:7, 1:3, 2] = 1
-    path = tmp_path / "x.png"
-    z = fm.save_case_png(str(path), truth, pred, None)
-    assert z == 2
-    rgb = np.asarray(Image.open(path).convert("RGB"))
-    scale = int(np.ceil(256 / 8))
-    assert rgb.shape == (6 * scale, 8 * scale, 3)  # x across, y down
+    pred[6:18, 6:14, 2] = 1  # 96 voxels, 10 x 6 = 60 shared
+    return truth, pred
 
-    def pixel(x, y):
-        return tuple(rgb[y * scale + scale // 2, x * scale + scale // 2])
 
-    assert pixel(3, 4) == (0, 255, 0)  # truth's lower edge only: green
-    assert pixel(1, 1) == (255, 255, 0)  # both outlines: yellow
-    assert pixel(3, 2) == (255, 0, 0)  # prediction's edge inside the truth: red
-    assert pixel(3, 3) == (0, 0, 0)  # inside the truth, outside the prediction: background
+def _grey_pixels(path):
+    """Pixels of the PNG that are grey: neither black, white, nor an outline colour."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(np.count_nonzero((r == g) & (g == b) & (r > 20) & (r < 235)))
+
+
+def test_case_png_shows_the_image_slice_in_grey_with_both_outlines(tmp_path):
+    truth, pred = _case_masks()
+    # Only slice z=2 (the one with the foreground) holds a ramp of grey values.
+    image = np.zeros(truth.shape, np.float32)
+    image[:, :, 2] = np.add.outer(np.arange(24), np.arange(20))
+    with_image, without = tmp_path / "with.png", tmp_path / "without.png"
+    assert fm.save_case_png(str(with_image), truth, pred, image, title="a") == 2
+    assert fm.save_case_png(str(without), truth, pred, None, title="a") == 2
+    rgb = np.asarray(Image.open(with_image).convert("RGB")).astype(int)
+    assert rgb.shape == (400, 500, 3) and os.path.getsize(with_image) > 5000
+    # The slice's grey ramp fills the axes; without the image only text edges are grey.
+    assert _grey_pixels(with_image) > _grey_pixels(without) + 20000
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    assert np.count_nonzero((g > 200) & (r < 80) & (b < 80)) > 100  # the label's green
+    assert np.count_nonzero((r > 200) & (g < 80) & (b < 80)) > 100  # the prediction's red
+
+
+def test_case_png_title_and_legend(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(fm, "_save_png", lambda fig, path: drawn.append(fig))
+    truth, pred = _case_masks()
+    fm.save_case_png(str(tmp_path / "x.png"), truth, pred, None, title="case_7")
+    ax = drawn[0].axes[0]
+    # Dice by hand: 2 * 60 / (96 + 96) on the slice, and over the volume (the only slice).
+    assert ax.get_title() == "case_7: slice z=2, Dice 0.625 (volume 0.625)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["label", "prediction"]
 
 
 def test_mean_iou_from_saved_probabilities(tmp_path):
@@ -341,7 +363,7 @@ def test_classification_report(tmp_path):
     assert report["roc_auc"] == pytest.approx(8 / 9)
     assert report["accuracy"] == pytest.approx(4 / 6)  # wrong: 0.6 (neg), 0.4 (pos)
     png = Image.open(tmp_path / "cls_roc.png")
-    assert png.size == (400, 400)
+    assert png.size == (500, 400) and os.path.getsize(tmp_path / "cls_roc.png") > 5000
     # Labels from a y .npy instead of the CSV's column.
     csv2 = tmp_path / "nolabel.csv"
     _write_predictions(csv2, p)

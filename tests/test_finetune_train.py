@@ -258,6 +258,7 @@ def test_settings_defaults_are_the_command_line_s(tmp_path):
         (dict(bn_momentum=1.0), r"--bn_momentum in \[0, 1\)"),
         (dict(loss="focal"), "--loss in"),
         (dict(optimizer="lbfgs"), "--optimizer in"),
+        (dict(data_format="NDHWC"), "--data_format channels_first or channels_last"),
     ],
 )
 def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, change, message):
@@ -288,3 +289,33 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypat
         finetune.main([*argv, *TINY])
     assert info.traceback[-1].name == "broken"
     assert "error:" not in capsys.readouterr().err
+
+
+def test_curves_picture_from_the_log(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from finetune_trainer import draw_curves
+
+    drawn = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    log = tmp_path / "training_log.csv"
+    log.write_text(
+        "epoch,dice_coef,loss,val_dice_coef,val_loss\n0,0.1,0.9,0.05,1.0\n1,0.3,0.7,0.2,0.8\n"
+    )
+    png = tmp_path / "curves.png"
+    draw_curves(str(log), str(png), "dice_coef")
+    assert Image.open(png).size == (800, 350) and png.stat().st_size > 5000
+    loss, dice = drawn[0].axes
+    assert [line.get_label() for line in loss.lines] == ["training", "validation"]
+    np.testing.assert_array_equal(loss.lines[1].get_xdata(), [1, 2])  # epochs from 1
+    np.testing.assert_array_equal(dice.lines[0].get_ydata(), [0.1, 0.3])
+    assert dice.get_ylabel() == "dice_coef" and loss.get_xlabel() == "epoch"
+    draw_curves(str(tmp_path / "no_log_yet.csv"), str(png), "dice_coef")  # before epoch 1
+    assert not drawn[1].axes[0].lines

@@ -4,7 +4,7 @@ A small segmentation U-Net (``unet_model_3d``, --n_base_filters 4 by default, so
 classes, channels-last) is saved as a run folder. Then, in the same process and on the same
 volume (a crop of ../shared/data/chest_ct_512x512x141.nii.gz, or the whole of it with --full):
 
-* predict: ``finetune_predict.run_predict`` from the run folder to the label map on disk, all
+* predict: ``finetune_predict.predict`` from the run folder to the label map on disk, all
   included (loading the model, reading, normalising, cutting windows, the model, Gaussian
   weighting, argmax, writing the .nii.gz);
 * model only: the same windows, cut beforehand, through ``predict_on_batch`` in a loop with the
@@ -18,7 +18,6 @@ example: .venv/bin/python benchmarks/bench_finetune_predict.py --crop 192 192
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_base_filters": args.n_base_filters,
             "seed": 0,
         }
-        with open(os.path.join(run, "finetune_config.json"), "w") as f:
-            json.dump(config, f)
+        write_json(os.path.join(run, "finetune_config.json"), config)
 
         # The same windows, cut beforehand.
         volume = vio.normalise_intensity(vio.image_to_array(vio.read_image(volume_path)), "ct")
@@ -144,28 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             model.predict_on_batch(batch)
         model_s = time.perf_counter() - t0
 
-        parser_p = argparse.ArgumentParser()
-        fp.add_predict_arguments(parser_p)
         pred_dir = os.path.join(tmp, "pred")
-        p_args = parser_p.parse_args(
-            [
-                "--model",
-                run,
-                "--input",
-                volume_path,
-                "--output",
-                pred_dir,
-                "--overlap",
-                str(args.overlap),
-                "--batch_size",
-                str(args.batch_size),
-            ]
+        settings = fp.PredictSettings(
+            model=run,
+            input=(volume_path,),
+            output=pred_dir,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
         )
         t0 = time.perf_counter()
-        rc = fp.run_predict(p_args)
+        fp.predict(settings)
         total_s = time.perf_counter() - t0
-        if rc != 0:
-            return rc
         written = vio.read_geometry(os.path.join(pred_dir, os.listdir(pred_dir)[0]))
         assert not written.differences(geometry), written.differences(geometry)
 

@@ -43,7 +43,7 @@ import tempfile
 import time
 
 import numpy as np
-from common import write_json
+from common import KERAS_DIR, atomic_path, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = os.path.join(ROOT, "keras", "Genesis_Chest_CT.py")
@@ -61,9 +61,11 @@ if os.environ.get("BENCH_HIDE_JAX") == "1":
 def report_peak(path):
     with open("/proc/self/status") as f:
         hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
-    with open(path, "w") as f:
+    sys.path.append(KERAS_DIR)
+    from genesis_files import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(hwm)
-"""
+""".replace("KERAS_DIR", repr(KERAS_DIR))
 
 # The child: run the trainer's main() and report its peak RSS on exit.
 # (getrusage's ru_maxrss is no use here: Linux carries the parent's peak, which held the
@@ -112,12 +114,13 @@ finally:
 def write_cubes(path: str, n: int, seed: int, chunk: int = 256) -> None:
     """n random float32 cubes in [0, 1) written chunk by chunk into a memory-mapped .npy."""
     rng = np.random.default_rng(seed)
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n,) + CUBE)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        arr[start:stop] = rng.random((stop - start,) + CUBE, dtype=np.float32)
-        arr.flush()
-    del arr
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n,) + CUBE)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            arr[start:stop] = rng.random((stop - start,) + CUBE, dtype=np.float32)
+            arr.flush()
+        del arr
 
 
 def proc_status(pid: int) -> dict:

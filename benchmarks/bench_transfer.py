@@ -15,7 +15,7 @@
 
 Every stage keeps its outputs in --out and is skipped on a rerun when its outputs exist with the
 same settings, so an interrupted benchmark continues where it stopped. A variant changes one
-setting and reuses what it shares with an earlier run (docs/benchmarks.md lists those measured).
+setting and reuses what it shares with an earlier run (benchmarks/HISTORY.md lists those measured).
 
 Scales: `--scale cpu` (default; a U-Net with 8 base filters, about half an hour on a 2-core
 machine) and `--scale gpu` (the published 32-filter network, longer budgets). `--tiny` shrinks
@@ -50,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import save_figure, write_json  # noqa: E402  (benchmarks/ is not a package)
+from common import save_figure, write_json, write_text  # noqa: E402  (benchmarks/ is not a package)
 
 SHARED = ROOT.parent / "shared" / "data"
 CHEST_CTS = ("chest_ct_512x512x141.nii.gz", "chest_ct_lidc0314_512x512x275.nii.gz")
@@ -178,10 +178,8 @@ def mark_done(folder: Path, digest: str, seconds: float | None = None) -> None:
     """Stamp a stage as done with these settings; `seconds`, what it took, is kept beside it
     so that a rerun which keeps the stage still reports its time."""
     if seconds is not None:
-        write_json(str(folder / "stage_seconds.json"), round(seconds, 1))
-    tmp = folder / ".stage.done.tmp"
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, folder / "stage.done")
+        write_json(folder / "stage_seconds.json", round(seconds, 1))
+    write_text(folder / "stage.done", digest + "\n")
 
 
 def stage_seconds(folder: Path) -> float | None:
@@ -369,7 +367,7 @@ def case_folder(dst: Path, cases: list[str]) -> Path:
         (dst / "labelsTr" / f"{case}.nii.gz").symlink_to(src / "labelsTr" / f"{case}.nii.gz")
     meta = json.loads((src / "dataset.json").read_text())
     meta["numTraining"] = len(cases)
-    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
+    write_text(dst / "dataset.json", json.dumps(meta, indent=2))
     return dst
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "keras"))
-from common import write_json
+from common import atomic_path, write_json
 
 import transforms as T
 
@@ -238,7 +238,8 @@ def dataset_pairs_per_s(
 
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "cubes.npy")
-        np.save(path, img[:, 0])
+        with atomic_path(path) as tmp:
+            np.save(tmp, img[:, 0])
         ds = GenesisPairDataset(
             path,
             batch,

@@ -1,36 +1,51 @@
-"""What the benchmark scripts share (not a benchmark itself: `make bench` runs bench_*.py)."""
+"""What the benchmark scripts share (not a benchmark itself: `make bench` runs bench_*.py).
+
+Every file they write goes through `genesis_files.atomic_path` (a temporary file in the same
+folder, then a rename), so an interrupted benchmark never leaves a truncated results file.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 from typing import Any
 
+# The project's modules live in keras/ and are imported by bare name.
+KERAS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras")
+if KERAS_DIR not in sys.path:
+    sys.path.append(KERAS_DIR)
 
-def write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """Write `obj` as JSON to `path` atomically: a temporary file in the same folder, then a
-    rename, so an interrupted benchmark never leaves a truncated results file.
+from genesis_files import atomic_path  # noqa: E402
+
+__all__ = ["KERAS_DIR", "atomic_path", "save_figure", "write_json", "write_text"]
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write `obj` as JSON to `path`, atomically.
 
     Args:
         path: the results file.
         obj: anything json.dump takes.
         indent: JSON indentation.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
 
 
-def save_figure(fig: Any, path: Any, dpi: int = 110) -> None:
-    """Write a Matplotlib figure as PNG atomically (a temporary file, then a rename) and close it.
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path`, atomically.
+
+    Args:
+        path: the file.
+        text: its whole content.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Write a Matplotlib figure as PNG, atomically, and close it.
 
     Args:
         fig: the figure.
@@ -39,12 +54,8 @@ def save_figure(fig: Any, path: Any, dpi: int = 110) -> None:
     """
     import matplotlib.pyplot as plt
 
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -3,9 +3,9 @@
 Every field of `config.models_genesis_config` is a command-line flag (see `--help` and
 docs/pretraining.md). This script parses them and hands the config to
 `genesis_trainer.run_with_oom_retry`, imported only afterwards so `--help` and bad flags
-answer without loading Keras. Bad input found before training (missing cube files, unfitting
-weights, an existing run) is reported as one line with exit status 2; errors during training
-keep their traceback.
+answer without loading Keras. Bad input (missing cube files, unfitting weights, an existing
+run: `genesis_trainer.PretrainingInputError`) is reported as one line with exit status 2; every
+other error keeps its traceback.
 
 Outputs, in `--model_path` (default `pretrained_weights/`):
   {exp_name}.h5           best weights so far (lowest val_loss): a Keras .h5 model file
@@ -34,7 +34,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from config import FIELD_CHOICES, FIELD_HELP, models_genesis_config
+from config import FIELD_CHOICES, FIELD_HELP, PretrainingInputError, models_genesis_config
 
 EXAMPLE = """\
 example (a small run on the demo's cubes, under a minute on a CPU):
@@ -132,7 +132,7 @@ def parse_config(argv: Sequence[str] | None = None) -> models_genesis_config:
     given = vars(parser.parse_args(argv))  # only the flags given: defaults are suppressed
     try:
         return models_genesis_config(**given)
-    except ValueError as exc:
+    except PretrainingInputError as exc:  # the config's own checks of the values
         parser.error(str(exc))  # exits with status 2 and the usage line
 
 

@@ -24,6 +24,15 @@ from typing import Any
 from genesis_files import DATA_FORMATS, SAMPLE_DEFAULTS, TRAINING_DATA_FORMAT, TRANSFORM_RATES
 
 DISTRIBUTE_MODES = ("auto", "off", "all")
+
+
+class PretrainingInputError(ValueError):
+    """Bad pre-training input (flags, files, weights, folders), raised where it is checked.
+
+    `Genesis_Chest_CT.py` prints it in one line and exits with status 2.
+    """
+
+
 # HOST:PORT, the host a name, an IPv4 address or a bracketed IPv6 address.
 ADDRESS_PATTERN = r"(\[[0-9A-Fa-f:.]+\]|[\w.\-]+):\d{1,5}"
 
@@ -101,7 +110,7 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
         self.validate()
 
     def validate(self) -> None:
-        """Check value ranges; raise ValueError naming the field and what was expected."""
+        """Check value ranges; raise PretrainingInputError naming the field and the range."""
         for name in (
             "batch_size",
             "input_rows",
@@ -113,46 +122,48 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected {name} to be a positive integer. Received: {name}={value!r}"
                 )
         for name in ("patience", "workers", "max_queue_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected {name} to be an integer >= 0. Received: {name}={value!r}"
                 )
         for name in ("steps_per_epoch", "validation_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected {name} to be None or a positive integer. Received: {name}={value!r}"
                 )
         for name in TRANSFORM_RATES:
             value = getattr(self, name)
             if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"Expected {name} in [0, 1]. Received: {name}={value!r}")
+                raise PretrainingInputError(
+                    f"Expected {name} in [0, 1]. Received: {name}={value!r}"
+                )
         if not float(self.lr) > 0:
-            raise ValueError(f"Expected lr > 0. Received: lr={self.lr!r}")
+            raise PretrainingInputError(f"Expected lr > 0. Received: lr={self.lr!r}")
         if self.optimizer.lower() != "sgd":
             # The original only ever ran SGD; other names are refused rather than ignored.
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected optimizer='sgd' (the only one the original trains with). "
                 f"Received: optimizer={self.optimizer!r}"
             )
         if self.data_format not in DATA_FORMATS:
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected data_format in {DATA_FORMATS}. "
                 f"Received: data_format={self.data_format!r}"
             )
         if self.distribute not in DISTRIBUTE_MODES:
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected distribute in {DISTRIBUTE_MODES}. "
                 f"Received: distribute={self.distribute!r}"
             )
         self._validate_processes()
         if self.save_samples not in (None, "png"):
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected save_samples to be 'png' or None. "
                 f"Received: save_samples={self.save_samples!r}"
             )
@@ -161,12 +172,12 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
             if not isinstance(folds, (list, tuple)) or not all(
                 isinstance(f, int) and not isinstance(f, bool) for f in folds
             ):
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected {name} to be a list of integers. Received: {name}={folds!r}"
                 )
         self._validate_files()
         if not self.train_fold or not self.valid_fold:
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected at least one training and one validation fold. "
                 f"Received: train_fold={self.train_fold}, "
                 f"valid_fold={self.valid_fold}"
@@ -176,23 +187,25 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
         """Check the multi-process fields (their meaning is in genesis_multihost)."""
         timeout = self.collective_timeout
         if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected collective_timeout to be a positive integer (seconds). "
                 f"Received: collective_timeout={timeout!r}"
             )
         n, pid = self.num_processes, self.process_id
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"Expected num_processes >= 1. Received: num_processes={n!r}")
+            raise PretrainingInputError(
+                f"Expected num_processes >= 1. Received: num_processes={n!r}"
+            )
         if pid is not None and (
             not isinstance(pid, int) or isinstance(pid, bool) or pid < 0 or (n and pid >= n)
         ):
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected process_id in [0, num_processes). "
                 f"Received: process_id={pid!r}, num_processes={n!r}"
             )
         address = self.coordinator_address
         if address is not None and not re.fullmatch(ADDRESS_PATTERN, str(address)):
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected coordinator_address as HOST:PORT (e.g. 10.0.0.1:12345). "
                 f"Received: coordinator_address={address!r}"
             )
@@ -202,7 +215,7 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
         for name in ("train_files", "valid_files"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected {name} to be a list of paths or glob patterns. "
                     f"Received: {name}={value!r}"
                 )
@@ -212,16 +225,16 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
             or not isinstance(fraction, (int, float))
             or not 0.0 < fraction < 1.0
         ):
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected valid_fraction in (0, 1). Received: valid_fraction={fraction!r}"
             )
         if fraction is not None and self.valid_files:
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected valid_files or valid_fraction, not both. "
                 f"Received: valid_files={self.valid_files}, valid_fraction={fraction}"
             )
         if self.train_files and not self.valid_files and fraction is None:
-            raise ValueError(
+            raise PretrainingInputError(
                 "Expected valid_files or valid_fraction with train_files. "
                 f"Received: train_files={self.train_files} and neither"
             )
@@ -242,11 +255,11 @@ class models_genesis_config:  # the original's class name (N801 is ignored proje
 
     @classmethod
     def from_dict(cls, values: dict) -> models_genesis_config:
-        """Build a config from a dict (such as a saved JSON); unknown keys raise ValueError."""
+        """Build a config from a dict (such as a saved JSON); unknown keys are refused."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected config keys among {sorted(names)}. Received unknown keys: {unknown}"
             )
         return cls(**values)

@@ -10,7 +10,9 @@ Each subcommand's --help lists its options with an example. See docs/finetuning.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
 TRAIN_DESCRIPTION = """\
 Fine-tune the Models Genesis 3D U-Net on labelled data, from pre-trained weights or from scratch.
@@ -218,6 +220,70 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The settings dataclass `cls` from parsed flags, converted once (lists become tuples).
+
+    Args:
+        cls: `FinetuneSettings`, `PredictSettings` or `EvaluateSettings`.
+        args: the subcommand's parsed flags.
+
+    Returns:
+        A `cls`.
+
+    Raises:
+        TypeError: a flag with no field of `cls` (the parser and the settings disagree).
+    """
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(f"Expected flags that {cls.__name__} has. Received: {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    """Convert the flags into the subcommand's settings and run it; its exit status."""
+    if command == "train":
+        from finetune_prepare import FinetuneSettings
+        from finetune_trainer import train
+
+        train(settings_from_args(FinetuneSettings, args))
+    elif command == "predict":
+        from finetune_predict import PredictSettings, predict
+
+        return predict(settings_from_args(PredictSettings, args))
+    else:
+        from finetune_metrics import EvaluateSettings, evaluate
+
+        evaluate(settings_from_args(EvaluateSettings, args))
+    return 0
+
+
+def input_errors(command: str) -> tuple[type[Exception], ...]:
+    """The typed bad-input errors of a subcommand (imported only then): its own, and
+    `volume_io.VolumeError`, a volume that cannot be used (named with what is wrong).
+
+    Args:
+        command: "train", "predict" or "evaluate".
+
+    Returns:
+        The exception types its `main` prints in one line with exit status 2.
+    """
+    from volume_io import VolumeError
+
+    if command == "train":
+        from finetune_cases import FinetuneInputError
+
+        return (FinetuneInputError, VolumeError)
+    if command == "predict":
+        from finetune_predict import PredictInputError
+
+        return (PredictInputError, VolumeError)
+    from finetune_metrics import EvaluateInputError
+
+    return (EvaluateInputError, VolumeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand.
 
@@ -225,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments (default: sys.argv[1:]).
 
     Returns:
-        The exit status: 0 done, 2 bad input.
+        The exit status: 0 done, 1 when predict skipped cases whose volumes cannot be used, 2 bad
+        input (one line on stderr). Other errors are raised with their traceback.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command(argv)
@@ -234,17 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "train":
-        from finetune_trainer import run_train
-
-        return run_train(args)
-    if args.command == "predict":
-        from finetune_predict import run_predict
-
-        return run_predict(args)
-    from finetune_metrics import run_evaluate
-
-    return run_evaluate(args)
+    try:
+        return _run(args.command, args)
+    except input_errors(args.command) as exc:
+        print(f"finetune.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ original's ``mean_iou`` (the mean over thresholds 0.5, 0.55, .., 0.95 of the two
 between ``prediction > t`` and the truth, background included), from the saved probabilities
 when predict wrote them, else from the label map's one-hot. Mean and median over cases; a JSON
 report, a CSV beside it, and a PNG per case (the axial slice with the most foreground, with
-the label's and the prediction's outlines).
+the label's and the prediction's outlines, drawn with matplotlib).
 
 Classification: ROC AUC (the Mann-Whitney statistic, ties counted one half) and accuracy from
 the CSV that predict writes, and the ROC curve as a PNG.
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,14 +35,17 @@ from genesis_files import atomic_path
 
 __all__ = [
     "EvaluateInputError",
+    "EvaluateSettings",
     "MEAN_IOU_THRESHOLDS",
     "accuracy",
     "add_evaluate_arguments",
     "dice_iou",
+    "evaluate",
+    "evaluate_classification",
+    "evaluate_segmentation",
     "mean_iou",
     "roc_auc",
     "roc_curve",
-    "run_evaluate",
 ]
 
 MEAN_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -54,7 +57,7 @@ Segmentation: label maps in PRED_DIR paired by case with LABEL_DIR ({case}{ext} 
 Per case and per foreground class: Dice, IoU and the original's mean_iou (background included,
 thresholds 0.5..0.95; from {case}.npz probabilities when predict saved them). Writes
 REPORT.json, REPORT.csv beside it and REPORT_png/{case}.png (the axial slice with the most
-foreground: label outline green, prediction outline red, on the image with --images).
+foreground: label outline green, prediction outline red and dashed, on the image with --images).
 
 Classification: --predictions is the CSV predict wrote (or its folder); labels come from its
 label column, or --labels y.npy / a candidates CSV with a class column. Writes ROC AUC and
@@ -69,7 +72,45 @@ examples:
 
 
 class EvaluateInputError(ValueError):
-    """Bad input to evaluate, found before the scoring: the CLI exits with 2."""
+    """Bad input to evaluate, raised where it is checked: the command line exits with 2."""
+
+
+@dataclasses.dataclass
+class EvaluateSettings:
+    """The settings of ``finetune.py evaluate``: one field per flag (`add_evaluate_arguments`).
+
+    Attributes:
+        predictions: predict's output folder (classification: its CSV, or its folder).
+        output: the JSON report.
+        labels: the folder of true label maps (classification: y .npy or a candidates CSV);
+            None: classification reads the CSV's label column.
+        images: images to draw the outlines on; None: a black background.
+        dataset_json: class names; None: dataset.json beside ``labels``, else class_{value}.
+        no_png: write no pictures.
+    """
+
+    predictions: str
+    output: str
+    labels: str | None = None
+    images: str | None = None
+    dataset_json: str | None = None
+    no_png: bool = False
+
+
+def _read_image(path: str) -> np.ndarray:
+    """The (x, y, z) voxels of an image file; its reader's refusals typed as ours."""
+    try:
+        return vio.image_to_array(vio.read_image(path))
+    except (FileNotFoundError, vio.VolumeError) as exc:  # the reader's checks, naming the file
+        raise EvaluateInputError(str(exc)) from exc
+
+
+def _read_geometry(path: str) -> vio.Geometry:
+    """The geometry of an image file (its header); its reader's refusals typed as ours."""
+    try:
+        return vio.read_geometry(path)
+    except (FileNotFoundError, vio.VolumeError) as exc:  # the reader's checks, naming the file
+        raise EvaluateInputError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,25 +242,27 @@ def accuracy(labels: Sequence[int], predicted: Sequence[int]) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Pictures (Pillow)
+# Pictures (matplotlib, Agg)
 # --------------------------------------------------------------------------------------------
 
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    # A pixel of the mask with a 4-neighbour outside it.
-    m = np.pad(mask, 1)
-    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    return mask & ~inner
+# Outline colours of the case pictures (the legend names them).
+LABEL_COLOUR, PREDICTION_COLOUR = "#00ff00", "#ff0000"
 
 
-def _grey(slice_xy: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    if slice_xy is None:
-        return np.zeros(shape, np.uint8)
-    x = slice_xy.astype(np.float32)
-    lo, hi = np.percentile(x, [1, 99]) if x.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return (np.clip((x - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+def _figure(size: tuple[float, float]) -> Any:
+    """A matplotlib figure drawn by the Agg canvas (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Any, path: str) -> None:
+    """Write the figure as a PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def most_foreground_slice(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -239,6 +282,12 @@ def most_foreground_slice(truth: np.ndarray, pred: np.ndarray) -> int:
     return truth.shape[2] // 2
 
 
+def _grey_range(slice_xy: np.ndarray) -> tuple[float, float]:
+    # The 1st to 99th percentile: a few very bright or dark voxels do not wash the slice out.
+    lo, hi = (float(v) for v in np.percentile(slice_xy, [1, 99]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
 def save_case_png(
     path: str,
     truth: np.ndarray,
@@ -248,37 +297,50 @@ def save_case_png(
 ) -> int:
     """Draw the slice with the most foreground: the image in grey, outlines of truth and prediction.
 
-    The truth's outline is green, the prediction's red, where both agree yellow. x runs across
-    the picture, y down.
+    The label's outline is green, the prediction's red and dashed; the legend names them. The
+    title gives the case, the slice and the foreground Dice on the slice and over the volume.
+    x runs across the picture, y down.
 
     Args:
         path: the PNG to write (atomically).
         truth: the label map (x, y, z).
         pred: the predicted label map.
         image: the image on the same grid, or None for a black background.
-        title: text in the top-left corner.
+        title: the case's name.
 
     Returns:
         The z index drawn.
     """
-    from PIL import Image, ImageDraw
+    from matplotlib.lines import Line2D
 
     z = most_foreground_slice(truth, pred)
-    t = truth[:, :, z].T > 0
-    p = pred[:, :, z].T > 0
-    grey = _grey(None if image is None else image[:, :, z].T, t.shape)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    ot, op = _outline(t), _outline(p)
-    rgb[ot] = (0, 255, 0)
-    rgb[op] = (255, 0, 0)
-    rgb[ot & op] = (255, 255, 0)
-    picture = Image.fromarray(rgb, "RGB")
-    scale = max(1, int(np.ceil(256 / max(t.shape))))
-    if scale > 1:
-        picture = picture.resize((t.shape[1] * scale, t.shape[0] * scale), Image.NEAREST)
-    ImageDraw.Draw(picture).text((4, 4), f"{title} z={z}".strip(), fill=(255, 255, 255))
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    t, p = truth[:, :, z].T > 0, pred[:, :, z].T > 0
+    background = np.zeros(t.shape, np.float32) if image is None else image[:, :, z].T
+    lo, hi = _grey_range(background) if image is not None else (0.0, 1.0)
+    fig = _figure((5, 4))
+    ax = fig.add_subplot()
+    ax.imshow(background, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    for mask, colour, style in ((t, LABEL_COLOUR, "solid"), (p, PREDICTION_COLOUR, "dashed")):
+        if 0 < np.count_nonzero(mask) < mask.size:  # a contour needs both sides
+            ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.5, linestyles=style)
+    ax.legend(
+        handles=[
+            Line2D([], [], color=LABEL_COLOUR, lw=1.5, label="label"),
+            Line2D([], [], color=PREDICTION_COLOUR, lw=1.5, ls="--", label="prediction"),
+        ],
+        loc="upper right",
+        fontsize=8,
+        framealpha=0.8,
+    )
+    slice_dice = dice_iou(p, t)[0]
+    volume_dice = dice_iou(pred > 0, truth > 0)[0]
+    name = f"{title}: " if title else ""
+    ax.set_title(
+        f"{name}slice z={z}, Dice {slice_dice:.3f} (volume {volume_dice:.3f})", fontsize=10
+    )
+    ax.set_xlabel("x (voxels)")
+    ax.set_ylabel("y (voxels)")
+    _save_png(fig, path)
     return z
 
 
@@ -289,26 +351,20 @@ def save_roc_png(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float) -> Non
         path: the PNG.
         fpr: false positive rates.
         tpr: true positive rates.
-        auc: the area, printed on the picture.
+        auc: the area, in the legend and the title.
     """
-    from PIL import Image, ImageDraw
-
-    size, margin = 400, 40
-    picture = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(picture)
-    span = size - 2 * margin
-
-    def xy(f: float, t: float) -> tuple[float, float]:
-        return margin + f * span, size - margin - t * span
-
-    draw.rectangle([xy(0, 1), xy(1, 0)], outline="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(180, 180, 180))
-    draw.line([xy(float(f), float(t)) for f, t in zip(fpr, tpr, strict=True)], fill="blue", width=2)
-    draw.text((margin, 10), f"ROC  AUC = {auc:.3f}", fill="black")
-    draw.text((size // 2 - 60, size - margin + 12), "false positive rate", fill="black")
-    draw.text((4, margin - 14), "true positive rate", fill="black")
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    fig = _figure((5, 4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="chance (AUC 0.5)")
+    ax.plot(fpr, tpr, color="tab:blue", lw=2, drawstyle="default", label=f"ROC (AUC {auc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC curve, AUC = {auc:.3f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,18 +433,19 @@ def _find_image(folder: str, case: str) -> str | None:
     return None
 
 
-def _class_names(args: argparse.Namespace, triples: list[tuple[str, str, str]]) -> dict[int, str]:
-    # dataset.json's foreground labels, else every non-zero value found in the files.
-    path = args.dataset_json
+def _class_names(
+    dataset_json: str | None, labels: str, triples: list[tuple[str, str, str]]
+) -> dict[int, str]:
+    """dataset.json's foreground labels, else every non-zero value found in the files."""
+    path = dataset_json
     if path is None:
-        guess = os.path.join(os.path.dirname(os.path.abspath(args.labels)), "dataset.json")
+        guess = os.path.join(os.path.dirname(os.path.abspath(labels)), "dataset.json")
         path = guess if os.path.isfile(guess) else None
     if path:
         try:
             with open(path) as f:
-                labels = json.load(f)["labels"]
-            names = {int(v): str(k) for k, v in labels.items() if int(v) != 0}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                names = {int(v): str(k) for k, v in json.load(f)["labels"].items() if int(v) != 0}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # parsing it
             raise EvaluateInputError(
                 f"Expected a dataset.json with a labels dict. Received: {path!r} ({e})"
             ) from None
@@ -396,7 +453,7 @@ def _class_names(args: argparse.Namespace, triples: list[tuple[str, str, str]]) 
     values: set[int] = set()
     for _, pred_path, label_path in triples:
         for p in (pred_path, label_path):
-            values |= {int(v) for v in np.unique(vio.image_to_array(vio.read_image(p)))}
+            values |= {int(v) for v in np.unique(_read_image(p))}
     return {v: f"class_{v}" for v in sorted(values - {0})}
 
 
@@ -414,77 +471,83 @@ def _load_probabilities(pred_path: str, case: str) -> dict[int, np.ndarray] | No
     return {int(v): probs[i] for i, v in enumerate(values)}
 
 
-def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
-    """Score every case; write the JSON, the CSV and the PNGs.
+def check_pairs(triples: list[tuple[str, str, str]], images: str | None) -> dict[str, str | None]:
+    """Check every pair's grid (headers only) before scoring any, and find each case's image.
 
     Args:
-        args: the parsed ``evaluate`` flags.
+        triples: from `pair_cases`.
+        images: the folder of images to draw on, or None.
 
     Returns:
-        The report written to ``args.output``.
-    """
-    from tqdm import tqdm
+        case -> its image file (None without ``images``).
 
-    triples = pair_cases(args.predictions, args.labels)
-    loaded = []
-    images: dict[str, str] = {}
-    # Check every pair's grid (headers only) before scoring any, so a mismatch is reported at
-    # once, naming both files and the field.
+    Raises:
+        EvaluateInputError: a prediction off its label's grid (naming both files and the
+            field), a missing image, or an image of another size.
+    """
+    found: dict[str, str | None] = {}
     for case, pred_path, label_path in triples:
-        truth_grid = vio.read_geometry(label_path)
-        diffs = vio.read_geometry(pred_path).differences(truth_grid)
+        truth_grid = _read_geometry(label_path)
+        diffs = _read_geometry(pred_path).differences(truth_grid)
         if diffs:
             raise EvaluateInputError(
                 f"Expected the prediction on its label's grid. Received: {pred_path} and "
                 f"{label_path} differ in {'; '.join(diffs)}"
             )
-        if args.images and not args.no_png:
-            image_path = _find_image(args.images, case)
+        found[case] = None
+        if images:
+            image_path = _find_image(images, case)
             if image_path is None:
                 raise EvaluateInputError(
                     f"Expected an image of case {case!r} ({case}_0000 or {case} with an "
-                    f"image ending) in --images. Received: none in {args.images}"
+                    f"image ending) in --images. Received: none in {images}"
                 )
-            image_grid = vio.read_geometry(image_path)
+            image_grid = _read_geometry(image_path)
             if image_grid.size != truth_grid.size:
                 raise EvaluateInputError(
                     f"Expected {image_path} on the grid of {label_path}. Received: size "
                     f"{image_grid.size} vs {truth_grid.size}"
                 )
-            images[case] = image_path
-        loaded.append((case, pred_path, label_path))
-    stem = os.path.splitext(args.output)[0]
-    png_dir = stem + "_png"
-    if not args.no_png:
-        os.makedirs(png_dir, exist_ok=True)
-    classes = _class_names(args, loaded)
-    results = []
-    for case, pred_path, label_path in tqdm(loaded, desc="evaluate", unit="case"):
-        # One case in memory at a time.
-        pred = vio.image_to_array(vio.read_image(pred_path))
-        truth = vio.image_to_array(vio.read_image(label_path))
-        probs = _load_probabilities(pred_path, case)
-        for value, name in classes.items():
-            t, p = truth == value, pred == value
-            dice, iou = dice_iou(p, t)
-            soft = probs.get(value) if probs else None
-            score = mean_iou(t, soft if soft is not None else p)
-            results.append(
-                {
-                    "case": case,
-                    "class": name,
-                    "value": value,
-                    "dice": dice,
-                    "iou": iou,
-                    "mean_iou": score,
-                    "mean_iou_from": "probabilities" if soft is not None else "label map",
-                    "truth_voxels": int(np.count_nonzero(t)),
-                    "predicted_voxels": int(np.count_nonzero(p)),
-                }
-            )
-        if not args.no_png:
-            image = vio.image_to_array(vio.read_image(images[case])) if case in images else None
-            save_case_png(os.path.join(png_dir, case + ".png"), truth, pred, image, title=case)
+            found[case] = image_path
+    return found
+
+
+def score_case(
+    case: str, pred: np.ndarray, truth: np.ndarray, classes: dict[int, str], probs: Any
+) -> list[dict[str, Any]]:
+    """One row per class: Dice, IoU and mean_iou of a case.
+
+    Args:
+        case: its name.
+        pred, truth: the label maps.
+        classes: value -> name of the foreground classes.
+        probs: value -> probabilities, or None (mean_iou from the label map).
+
+    Returns:
+        The rows of the report.
+    """
+    rows = []
+    for value, name in classes.items():
+        t, p = truth == value, pred == value
+        dice, iou = dice_iou(p, t)
+        soft = probs.get(value) if probs else None
+        rows.append(
+            {
+                "case": case,
+                "class": name,
+                "value": value,
+                "dice": dice,
+                "iou": iou,
+                "mean_iou": mean_iou(t, soft if soft is not None else p),
+                "mean_iou_from": "probabilities" if soft is not None else "label map",
+                "truth_voxels": int(np.count_nonzero(t)),
+                "predicted_voxels": int(np.count_nonzero(p)),
+            }
+        )
+    return rows
+
+
+def _summary(results: list[dict[str, Any]], classes: dict[int, str]) -> dict[str, Any]:
     summary = {}
     for value, name in classes.items():
         mine = [r for r in results if r["value"] == value]
@@ -495,13 +558,49 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
             }
             for key in ("dice", "iou", "mean_iou")
         }
+    return summary
+
+
+def evaluate_segmentation(settings: EvaluateSettings) -> dict[str, Any]:
+    """Score every case; write the JSON, the CSV and the PNGs.
+
+    Args:
+        settings: the command's settings (``labels`` is needed).
+
+    Returns:
+        The report written to ``settings.output``.
+
+    Raises:
+        EvaluateInputError: bad input, raised where it is checked.
+    """
+    from tqdm import tqdm
+
+    if settings.labels is None:
+        raise EvaluateInputError(
+            "Expected --labels LABEL_DIR for segmentation. Received: no --labels"
+        )
+    triples = pair_cases(settings.predictions, settings.labels)
+    images = check_pairs(triples, None if settings.no_png else settings.images)
+    stem = os.path.splitext(settings.output)[0]
+    png_dir = stem + "_png"
+    if not settings.no_png:
+        os.makedirs(png_dir, exist_ok=True)
+    classes = _class_names(settings.dataset_json, settings.labels, triples)
+    results = []
+    for case, pred_path, label_path in tqdm(triples, desc="evaluate", unit="case"):
+        # One case in memory at a time.
+        pred, truth = _read_image(pred_path), _read_image(label_path)
+        results += score_case(case, pred, truth, classes, _load_probabilities(pred_path, case))
+        if not settings.no_png:
+            image = None if images[case] is None else _read_image(images[case])
+            save_case_png(os.path.join(png_dir, case + ".png"), truth, pred, image, title=case)
     report = {
         "task": "segmentation",
-        "predictions": os.path.abspath(args.predictions),
-        "labels": os.path.abspath(args.labels),
-        "n_cases": len(loaded),
+        "predictions": os.path.abspath(settings.predictions),
+        "labels": os.path.abspath(settings.labels),
+        "n_cases": len(triples),
         "classes": {name: value for value, name in classes.items()},
-        "summary": summary,
+        "summary": _summary(results, classes),
         "cases": results,
         "definitions": {
             "dice": "2|P&T| / (|P| + |T|); 1.0 when both are empty",
@@ -510,7 +609,7 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
             "background between pred > t and the truth (classes present in either)",
         },
     }
-    _write_json(args.output, report)
+    _write_json(settings.output, report)
     columns = ["case", "class", "value", "dice", "iou", "mean_iou", "mean_iou_from"]
     columns += ["truth_voxels", "predicted_voxels"]
     _write_csv(stem + ".csv", columns, results)
@@ -520,6 +619,20 @@ def evaluate_segmentation(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------
+
+
+def _numbers(path: str, column: str, values: Sequence[str], kind: type) -> list:
+    """The CSV column's values as numbers; a value that is not one is refused naming it."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(kind(float(v)))
+        except (TypeError, ValueError):
+            raise EvaluateInputError(
+                f"Expected numbers in column {column!r} of {path}. Received: {v!r} in data "
+                f"row {i + 1}"
+            ) from None
+    return out
 
 
 def _read_prediction_csv(path: str) -> tuple[list[str], np.ndarray, list[str] | None]:
@@ -534,61 +647,77 @@ def _read_prediction_csv(path: str) -> tuple[list[str], np.ndarray, list[str] | 
             )
         rows = list(reader)
     ids = [r["id"] for r in rows]
-    probs = np.array([[float(r[c]) for c in prob_cols] for r in rows], dtype=np.float64)
+    columns = [_numbers(path, c, [r[c] for r in rows], float) for c in prob_cols]
+    probs = np.array(columns, dtype=np.float64).T
     labels = [r["label"] for r in rows] if "label" in fields else None
     return ids, probs.reshape(len(rows), len(prob_cols)), labels
 
 
-def _classification_labels(args: argparse.Namespace, ids: list[str], own) -> np.ndarray:
-    if args.labels is None:
+def _classification_labels(
+    labels: str | None, predictions: str, ids: list[str], own: list[str] | None
+) -> np.ndarray:
+    """The true class of each prediction: from ``labels`` (.npy or candidates CSV), else the
+    prediction CSV's own label column."""
+    if labels is None:
         if own is None:
             raise EvaluateInputError(
                 f"Expected --labels (y .npy or candidates .csv) or a label column in "
-                f"{args.predictions}. Received: neither"
+                f"{predictions}. Received: neither"
             )
-        return np.array([int(float(v)) for v in own], dtype=np.int64)
-    path = args.labels
-    if path.lower().endswith(".npy"):
-        y = np.load(path).reshape(-1).astype(np.int64)
+        return np.array(_numbers(predictions, "label", own, int), dtype=np.int64)
+    if not os.path.isfile(labels):
+        raise EvaluateInputError(f"Expected a labels file. Received: {labels!r} not found")
+    if labels.lower().endswith(".npy"):
+        try:
+            y = np.load(labels).reshape(-1).astype(np.int64)
+        except (OSError, ValueError, EOFError) as exc:  # truncated, pickled or not .npy
+            raise EvaluateInputError(
+                f"Expected a NumPy .npy array of labels in {labels}. Received: {exc}"
+            ) from exc
         if y.shape[0] != len(ids):
             raise EvaluateInputError(
-                f"Expected {len(ids)} labels (one per prediction in {args.predictions}). "
-                f"Received: {y.shape[0]} in {path}"
+                f"Expected {len(ids)} labels (one per prediction in {predictions}). "
+                f"Received: {y.shape[0]} in {labels}"
             )
         return y
-    with open(path, newline="") as f:
+    with open(labels, newline="") as f:
         reader = csv.DictReader(f)
         if "class" not in (reader.fieldnames or []) or "seriesuid" not in reader.fieldnames:
             raise EvaluateInputError(
-                f"Expected a candidates CSV with seriesuid and class columns. Received: {path!r}"
-                f" with columns {reader.fieldnames}"
+                f"Expected a candidates CSV with seriesuid and class columns. Received: "
+                f"{labels!r} with columns {reader.fieldnames}"
             )
-        by_id = {f"{r['seriesuid']}:{i}": int(float(r["class"])) for i, r in enumerate(reader)}
+        rows = list(reader)
+    classes = _numbers(labels, "class", [r["class"] for r in rows], int)
+    by_id = {f"{r['seriesuid']}:{i}": c for i, (r, c) in enumerate(zip(rows, classes, strict=True))}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise EvaluateInputError(
-            f"Expected a label in {path} for every prediction. Received: none for "
+            f"Expected a label in {labels} for every prediction. Received: none for "
             f"{', '.join(missing[:5])}" + (" .." if len(missing) > 5 else "")
         )
     return np.array([by_id[i] for i in ids], dtype=np.int64)
 
 
-def evaluate_classification(args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_classification(settings: EvaluateSettings) -> dict[str, Any]:
     """ROC AUC and accuracy of predict's CSV; write the JSON and the ROC PNG.
 
     Args:
-        args: the parsed ``evaluate`` flags.
+        settings: the command's settings.
 
     Returns:
-        The report written to ``args.output``.
+        The report written to ``settings.output``.
+
+    Raises:
+        EvaluateInputError: bad input, raised where it is checked.
     """
-    path = args.predictions
+    path = settings.predictions
     if os.path.isdir(path):
         path = os.path.join(path, CLASSIFICATION_CSV)
     if not os.path.isfile(path):
         raise EvaluateInputError(f"Expected predict's CSV. Received: {path!r} not found")
     ids, probs, own = _read_prediction_csv(path)
-    y = _classification_labels(args, ids, own)
+    y = _classification_labels(settings.labels, settings.predictions, ids, own)
     k = probs.shape[1]
     predicted = (probs[:, 0] >= 0.5).astype(np.int64) if k == 1 else np.argmax(probs, axis=1)
     report: dict[str, Any] = {
@@ -597,13 +726,13 @@ def evaluate_classification(args: argparse.Namespace) -> dict[str, Any]:
         "n": len(ids),
         "accuracy": accuracy(y, predicted),
     }
-    stem = os.path.splitext(args.output)[0]
+    stem = os.path.splitext(settings.output)[0]
     if k <= 2:
         score = probs[:, 0] if k == 1 else probs[:, 1]
         auc = roc_auc(y, score)
         report["roc_auc"] = auc
         fpr, tpr = roc_curve(y, score)
-        if not args.no_png:
+        if not settings.no_png:
             save_roc_png(stem + "_roc.png", fpr, tpr, auc)
     else:
         # More classes: one-vs-rest AUC per class present, and their mean.
@@ -618,7 +747,7 @@ def evaluate_classification(args: argparse.Namespace) -> dict[str, Any]:
         "roc_auc": "P(score of a positive > score of a negative), ties counted 1/2",
         "accuracy": "fraction with argmax of the probabilities (or p >= 0.5) equal to the label",
     }
-    _write_json(args.output, report)
+    _write_json(settings.output, report)
     return report
 
 
@@ -677,42 +806,38 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_png", action="store_true", help="write no pictures")
 
 
-def _is_classification(args: argparse.Namespace) -> bool:
-    p = args.predictions
-    return p.lower().endswith(".csv") or (
-        os.path.isdir(p) and os.path.isfile(os.path.join(p, CLASSIFICATION_CSV))
+def is_classification(predictions: str) -> bool:
+    """Whether ``--predictions`` names predict's classification CSV (or a folder holding it)."""
+    return predictions.lower().endswith(".csv") or (
+        os.path.isdir(predictions) and os.path.isfile(os.path.join(predictions, CLASSIFICATION_CSV))
     )
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Run ``finetune.py evaluate`` with parsed flags.
+def evaluate(settings: EvaluateSettings) -> dict[str, Any]:
+    """``finetune.py evaluate``: score the predictions, write the report, print its summary.
 
     Args:
-        args: the namespace `add_evaluate_arguments`' parser returns.
+        settings: the command's settings.
 
     Returns:
-        0 on success, 2 on bad input (with a one-line error on stderr).
+        The report.
+
+    Raises:
+        EvaluateInputError: bad input, raised where it is checked; the command line prints it
+            in one line and exits with 2. Other errors keep their type.
     """
-    try:
-        if _is_classification(args):
-            report = evaluate_classification(args)
-            print(
-                f"accuracy {report['accuracy']:.4f}, ROC AUC {report['roc_auc']}; "
-                f"wrote {args.output}"
-            )
-            return 0
-        if args.labels is None:
-            raise EvaluateInputError(
-                "Expected --labels LABEL_DIR for segmentation. Received: no --labels"
-            )
-        report = evaluate_segmentation(args)
-        for name, s in report["summary"].items():
-            print(
-                f"{name}: Dice mean {s['dice']['mean']:.4f} median {s['dice']['median']:.4f}, "
-                f"IoU mean {s['iou']['mean']:.4f}, mean_iou {s['mean_iou']['mean']:.4f}"
-            )
-        print(f"wrote {args.output} for {report['n_cases']} case(s)")
-        return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if is_classification(settings.predictions):
+        report = evaluate_classification(settings)
+        print(
+            f"accuracy {report['accuracy']:.4f}, ROC AUC {report['roc_auc']}; "
+            f"wrote {settings.output}"
+        )
+        return report
+    report = evaluate_segmentation(settings)
+    for name, s in report["summary"].items():
+        print(
+            f"{name}: Dice mean {s['dice']['mean']:.4f} median {s['dice']['median']:.4f}, "
+            f"IoU mean {s['iou']['mean']:.4f}, mean_iou {s['mean_iou']['mean']:.4f}"
+        )
+    print(f"wrote {settings.output} for {report['n_cases']} case(s)")
+    return report

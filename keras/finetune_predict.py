@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -33,13 +34,14 @@ from genesis_files import atomic_path
 
 __all__ = [
     "PredictInputError",
+    "PredictSettings",
     "add_predict_arguments",
     "class_values",
     "gaussian_importance",
     "image_ending",
     "load_run",
+    "predict",
     "predict_case",
-    "run_predict",
     "sliding_window_predict",
     "window_starts",
 ]
@@ -78,7 +80,49 @@ examples:
 
 
 class PredictInputError(ValueError):
-    """Bad input to predict, found before (or instead of) the work: the CLI exits with 2."""
+    """Bad input to predict, raised where it is checked: the command line exits with 2."""
+
+
+@dataclasses.dataclass
+class PredictSettings:
+    """The settings of ``finetune.py predict``: one field per flag (see `add_predict_arguments`).
+
+    Attributes:
+        model: the training run folder.
+        input: a folder of images, image files, .npy cubes or one candidates .csv.
+        output: the output folder (classification: a .csv file, or a folder).
+        overlap: window overlap in [0, 1).
+        batch_size: windows (or cubes) per model call.
+        save_probabilities: also write ``{case}.npz`` probabilities.
+        overwrite: redo cases already written.
+        no_gaussian: weight every voxel of a window alike.
+        file_ending: ending of the images in an input folder; None: the run's.
+        output_ending: ending of the label maps; None: the input's own.
+        volumes: the volumes of a candidates CSV.
+        model_file: the model to load; None: ``{model}/best_model.keras``.
+    """
+
+    model: str
+    input: tuple[str, ...]
+    output: str
+    overlap: float = 0.5
+    batch_size: int = 2
+    save_probabilities: bool = False
+    overwrite: bool = False
+    no_gaussian: bool = False
+    file_ending: str | None = None
+    output_ending: str | None = None
+    volumes: str | None = None
+    model_file: str | None = None
+
+
+def _read_image(path: str) -> sitk.Image:
+    """`volume_io.read_image`; a missing file is bad input (exit 2), while a volume that cannot
+    be used (`volume_io.VolumeError`) is left to the caller, which names and skips its case."""
+    try:
+        return vio.read_image(path)
+    except FileNotFoundError as exc:  # the reader's own check, naming the file
+        raise PredictInputError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +357,13 @@ def load_run(run_dir: str, model_file: str | None = None) -> tuple[Any, dict[str
 
     import unet3d  # noqa: F401  (registers the model's classes for loading)
 
-    model = keras.models.load_model(model_path, compile=False)
+    try:
+        model = keras.models.load_model(model_path, compile=False)
+    except (ValueError, OSError, KeyError) as exc:  # not a .keras file, or one missing parts
+        raise PredictInputError(
+            f"Expected a Keras model file (.keras) at {model_path}. Received: a file Keras "
+            f"cannot load ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from exc
     return model, config
 
 
@@ -385,7 +435,7 @@ def image_ending(path: str) -> str:
 
 
 def _read_channels(paths: Sequence[str]) -> tuple[list[sitk.Image], vio.Geometry]:
-    images = [vio.read_image(p) for p in paths]
+    images = [_read_image(p) for p in paths]
     geometry = vio.Geometry.of(images[0])
     for path, image in zip(paths[1:], images[1:], strict=True):
         diffs = geometry.differences(vio.Geometry.of(image))
@@ -485,23 +535,37 @@ def _save_probabilities(path: str, probs: np.ndarray, values: np.ndarray) -> Non
 # --------------------------------------------------------------------------------------------
 
 
+def _load_npy(path: str, mmap_mode: str | None = None) -> np.ndarray:
+    """`np.load` of a user's .npy file; a file it cannot read is refused naming it."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as exc:  # truncated, pickled or not .npy at all
+        raise PredictInputError(
+            f"Expected a NumPy .npy array in {path}. Received: a file NumPy cannot read ({exc})"
+        ) from exc
+
+
 def _classification_inputs(
-    args: argparse.Namespace, config: dict[str, Any], skipped: list[str]
+    inputs: Sequence[str], volumes: str | None, config: dict[str, Any], skipped: list[str]
 ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    # (cubes, labels or None, ids); volumes of a candidates CSV that cannot be read are skipped
-    # and named in `skipped`.
-    inputs = list(args.input)
+    """(cubes, labels or None, ids) of .npy cube files or a candidates CSV with its volumes;
+    the volumes of a candidates CSV that cannot be used are skipped and named in `skipped`."""
+    inputs = list(inputs)
     patch = tuple(int(p) for p in config["patch"])
     modes = _channel_modes(config, 1)
     if len(inputs) == 1 and inputs[0].lower().endswith(".csv"):
-        if not args.volumes:
+        if not volumes:
             raise PredictInputError(
                 f"Expected --volumes DIR with a candidates CSV. Received: --input {inputs[0]!r} "
                 "and no --volumes"
             )
         from finetune_arrays import load_candidate_cubes
+        from finetune_cases import FinetuneInputError
 
-        return load_candidate_cubes(inputs[0], args.volumes, patch, modes[0], skipped=skipped)
+        try:
+            return load_candidate_cubes(inputs[0], volumes, patch, modes[0], skipped=skipped)
+        except FinetuneInputError as exc:  # the CSV's own checks
+            raise PredictInputError(str(exc)) from exc
     cubes, labels, ids = [], [], []
     have_labels = True
     for path in inputs:
@@ -510,7 +574,7 @@ def _classification_inputs(
                 "Expected .npy cube files (N, R, C, D) or one candidates .csv for "
                 f"classification. Received: {path!r}"
             )
-        x = np.load(path, mmap_mode="r")
+        x = _load_npy(path, mmap_mode="r")
         if x.ndim == 5 and 1 in (x.shape[1], x.shape[-1]):
             x = x.reshape(x.shape[0], *[n for n in x.shape[1:] if n != 1][:3])
         if x.ndim != 4 or tuple(x.shape[1:]) != patch:
@@ -526,7 +590,7 @@ def _classification_inputs(
         folder, name = os.path.split(path)
         y_path = os.path.join(folder, "y_" + name[2:]) if name.startswith("x_") else ""
         if y_path and os.path.isfile(y_path):
-            y = np.load(y_path).reshape(-1)
+            y = _load_npy(y_path).reshape(-1)
             if y.shape[0] != x.shape[0]:
                 raise PredictInputError(
                     f"Expected one label per cube in {y_path}. Received: {y.shape[0]} labels "
@@ -653,34 +717,47 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.overlap < 1.0:
-        raise PredictInputError(f"Expected 0 <= --overlap < 1. Received: --overlap {args.overlap}")
-    if args.batch_size < 1:
+def check_settings(settings: PredictSettings) -> None:
+    """Check the value ranges that need no file.
+
+    Args:
+        settings: the command's settings.
+
+    Raises:
+        PredictInputError: naming the flag and what was expected.
+    """
+    if not 0.0 <= settings.overlap < 1.0:
         raise PredictInputError(
-            f"Expected --batch_size >= 1. Received: --batch_size {args.batch_size}"
+            f"Expected 0 <= --overlap < 1. Received: --overlap {settings.overlap}"
+        )
+    if settings.batch_size < 1:
+        raise PredictInputError(
+            f"Expected --batch_size >= 1. Received: --batch_size {settings.batch_size}"
         )
 
 
-def _output_ending(args: argparse.Namespace, first_image: str, config: dict[str, Any]) -> str:
-    ending = args.output_ending or image_ending(first_image) or config.get("file_ending")
+def _output_ending(settings: PredictSettings, first_image: str, config: dict[str, Any]) -> str:
+    ending = settings.output_ending or image_ending(first_image) or config.get("file_ending")
     ending = ending or ".nii.gz"
     # A MetaImage header + raw pair cannot be renamed into place as one file: write .mha.
     return ".mha" if ending.lower() == ".mhd" else ending
 
 
-def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
-    from tqdm import tqdm
+def _find_cases(settings: PredictSettings, config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The cases of the input, each with one image per channel the model was trained on."""
+    from finetune_cases import FinetuneInputError, find_images
 
-    from finetune_cases import find_images
-
-    is_folder = len(args.input) == 1 and os.path.isdir(args.input[0])
+    inputs = list(settings.input)
+    is_folder = len(inputs) == 1 and os.path.isdir(inputs[0])
     # A folder is read with the run's file ending; explicit files may be in any format.
-    file_ending = args.file_ending or (config.get("file_ending") if is_folder else None)
-    cases = find_images(list(args.input), file_ending)
+    file_ending = settings.file_ending or (config.get("file_ending") if is_folder else None)
+    try:
+        cases = find_images(inputs, file_ending)
+    except FinetuneInputError as exc:  # its checks of the folder and the files
+        raise PredictInputError(str(exc)) from exc
     if not cases:
         raise PredictInputError(
-            f"Expected images ending in {file_ending!r} in the input. Received: {args.input}"
+            f"Expected images ending in {file_ending!r} in the input. Received: {inputs}"
         )
     n_channels = int(
         config.get("n_channels")
@@ -692,18 +769,25 @@ def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, An
                 f"Expected {n_channels} channel file(s) per case, as the model was trained. "
                 f"Received: case {case_id!r} with {paths}"
             )
-    os.makedirs(args.output, exist_ok=True)
+    return cases
+
+
+def _predict_segmentation(settings: PredictSettings, model: Any, config: dict[str, Any]) -> int:
+    from tqdm import tqdm
+
+    cases = _find_cases(settings, config)
+    os.makedirs(settings.output, exist_ok=True)
     values = class_values(config)
     dtype = _label_dtype(values)
     done = skipped = 0
-    unreadable = []
+    unreadable: list[str] = []
     for case_id, paths in tqdm(cases, desc="predict", unit="case"):
-        out = os.path.join(args.output, case_id + _output_ending(args, paths[0], config))
-        prob = os.path.join(args.output, case_id + ".npz")
+        out = os.path.join(settings.output, case_id + _output_ending(settings, paths[0], config))
+        prob = os.path.join(settings.output, case_id + ".npz")
         if (
-            not args.overwrite
+            not settings.overwrite
             and os.path.exists(out)
-            and (not args.save_probabilities or os.path.exists(prob))
+            and (not settings.save_probabilities or os.path.exists(prob))
         ):
             skipped += 1
             continue
@@ -712,20 +796,20 @@ def _run_segmentation(args: argparse.Namespace, model: Any, config: dict[str, An
                 model,
                 config,
                 paths,
-                overlap=args.overlap,
-                batch_size=args.batch_size,
-                gaussian=not args.no_gaussian,
+                overlap=settings.overlap,
+                batch_size=settings.batch_size,
+                gaussian=not settings.no_gaussian,
             )
         except vio.VolumeError as exc:
             # One bad volume must not cost the others their predictions: named, skipped.
             tqdm.write(f"warning: skipping case {case_id}: {exc}", file=sys.stderr)
             unreadable.append(case_id)
             continue
-        if args.save_probabilities:
+        if settings.save_probabilities:
             _save_probabilities(prob, probs, values)
         vio.write_image(labels.astype(dtype), geometry, out)
         done += 1
-    print(f"predicted {done} case(s), skipped {skipped} already written, into {args.output}")
+    print(f"predicted {done} case(s), skipped {skipped} already written, into {settings.output}")
     return _report_unreadable(unreadable, "case")
 
 
@@ -741,42 +825,43 @@ def _report_unreadable(names: Sequence[str], what: str) -> int:
     return 1
 
 
-def _run_classification(args: argparse.Namespace, model: Any, config: dict[str, Any]) -> int:
+def _predict_classification(settings: PredictSettings, model: Any, config: dict[str, Any]) -> int:
     unreadable: list[str] = []
-    cubes, labels, ids = _classification_inputs(args, config, unreadable)
-    out = args.output
+    cubes, labels, ids = _classification_inputs(
+        settings.input, settings.volumes, config, unreadable
+    )
+    out = settings.output
     if not out.lower().endswith(".csv"):
         os.makedirs(out, exist_ok=True)
         out = os.path.join(out, CLASSIFICATION_CSV)
     elif os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    if os.path.exists(out) and not args.overwrite:
+    if os.path.exists(out) and not settings.overwrite:
         print(f"{out} exists; pass --overwrite to predict again")
         return 0
-    probs = predict_cubes(model, cubes, config["data_format"], batch_size=args.batch_size)
+    probs = predict_cubes(model, cubes, config["data_format"], batch_size=settings.batch_size)
     write_classification_csv(out, ids, probs, labels)
     print(f"wrote {len(ids)} prediction(s) to {out}")
     return _report_unreadable(unreadable, "volume")
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    """Run ``finetune.py predict`` with parsed flags.
+def predict(settings: PredictSettings) -> int:
+    """``finetune.py predict``: label maps of whole volumes, or a CSV of class probabilities.
 
     Args:
-        args: the namespace `add_predict_arguments`' parser returns.
+        settings: the command's settings.
 
     Returns:
-        0 on success; 1 when some volumes could not be used (each named on stderr, skipped, the
-        other cases written); 2 on bad input (with a one-line error on stderr).
+        0; 1 when some volumes could not be used (each named on stderr and skipped, the other
+        cases written).
+
+    Raises:
+        PredictInputError: bad input (flags, run folder, images, cubes), raised where it is
+            checked; the command line prints it in one line and exits with 2. Other errors
+            keep their type.
     """
-    try:
-        _check_args(args)
-        model, config = load_run(args.model, args.model_file)
-        if config["task"] == "classification":
-            return _run_classification(args, model, config)
-        return _run_segmentation(args, model, config)
-    except (ValueError, FileNotFoundError) as e:
-        # PredictInputError and the input errors of volume_io and finetune_cases (all
-        # ValueErrors) name the file and say what was expected.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_settings(settings)
+    model, config = load_run(settings.model, settings.model_file)
+    if config["task"] == "classification":
+        return _predict_classification(settings, model, config)
+    return _predict_segmentation(settings, model, config)

@@ -243,7 +243,7 @@ def load_last_checkpoint(path: str, model: Any) -> dict:
     if [tuple(v.shape) for v in opt.variables] != [tuple(v.shape) for v in opt_values]:
         raise ValueError(f"The optimizer state in {path} does not fit this model's optimizer.")
     for var, value in zip(opt.variables, opt_values, strict=True):  # lengths checked above
-        var.assign(value.astype(var.dtype) if hasattr(value, "astype") else value)
+        var.assign(value.astype(var.dtype))  # np.load gives arrays, 0-d ones included
     return state
 
 

@@ -10,8 +10,9 @@ line and calls `run_with_oom_retry`; the steps are:
 * `train`: `setup`, then `model.fit`;
 * `run_with_oom_retry`: `train`, with a smaller batch after an accelerator out-of-memory error.
 
-Everything that fails before `fit` starts is raised as `PretrainingInputError` (bad input: the
-command line prints one line), errors during training as they are.
+Bad input (cube files, flags, weights, the output folder, a checkpoint that does not fit) is
+raised as `PretrainingInputError` where it is checked, and the command line prints it in one
+line; every other error, during setup or training, keeps its type and traceback.
 
 Imports: stdlib, numpy, keras, unet3d, genesis_dataset, genesis_callbacks, genesis_checkpoint,
 genesis_files, genesis_multihost, config (this module is imported only after the command line
@@ -33,7 +34,7 @@ import keras
 import numpy as np
 
 import unet3d
-from config import models_genesis_config
+from config import PretrainingInputError, models_genesis_config
 from genesis_callbacks import (
     AtomicBestCheckpoint,
     CollapseWarning,
@@ -86,13 +87,6 @@ EXTRACTION_HINT = (
 )
 # unet_model_3d's default depth 4 pools three times by 2.
 POOLING_FACTOR = 2**3
-
-
-class PretrainingInputError(Exception):
-    """Pre-training failed before `fit` started: bad input (files, flags, weights, folders).
-
-    The message is the original error's, which is its `__cause__`.
-    """
 
 
 @dataclasses.dataclass
@@ -157,8 +151,8 @@ def find_cube_files(
         One absolute path per fold, and the number of cubes in them all.
 
     Raises:
-        FileNotFoundError: a fold has no cube file (the message lists the names tried).
-        ValueError: a file holds cubes of another shape or type than the config expects.
+        PretrainingInputError: a fold has no cube file (the message lists the names tried), or
+            a file holds cubes of another shape or type than the config expects.
     """
     data = os.path.abspath(config.data)
     paths, n_cubes = [], 0
@@ -176,7 +170,7 @@ def find_cube_files(
                 d=config.input_deps,
                 data=config.data,
             )
-            raise FileNotFoundError(
+            raise PretrainingInputError(
                 f"No cube file for {role} fold {fold} in {data}. Expected one of: "
                 f"{', '.join(names)}. {hint}"
             )
@@ -196,7 +190,7 @@ def resolve_cube_files(patterns: Sequence[str], role: str) -> list[str]:
         Absolute paths: each pattern's matches sorted, patterns in order, each file once.
 
     Raises:
-        FileNotFoundError: a pattern matches no file, or a path does not exist.
+        PretrainingInputError: a pattern matches no file, or a path does not exist.
     """
     import glob
 
@@ -205,14 +199,14 @@ def resolve_cube_files(patterns: Sequence[str], role: str) -> list[str]:
         if glob.has_magic(pattern):
             matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
             if not matches:
-                raise FileNotFoundError(
+                raise PretrainingInputError(
                     f"Expected the {role} pattern {pattern!r} to match cube files (.npy) "
                     f"from {os.getcwd()}. Received: no file matches it"
                 )
         elif os.path.isfile(pattern):
             matches = [pattern]
         else:
-            raise FileNotFoundError(
+            raise PretrainingInputError(
                 f"Expected a {role} cube file at {pattern!r} (from {os.getcwd()}). "
                 "Received: no such file"
             )
@@ -260,8 +254,8 @@ def split_by_source(
         over the cubes of all files in order, sorted.
 
     Raises:
-        FileNotFoundError: a file has no CSV beside it.
-        ValueError: a CSV does not list one row per cube, or there are fewer than 2 sources.
+        PretrainingInputError: a file has no CSV beside it, a CSV does not list one row per
+            cube, or there are fewer than 2 sources.
     """
     import csv
 
@@ -269,7 +263,7 @@ def split_by_source(
     for path in files:
         table = os.path.splitext(path)[0] + ".csv"
         if not os.path.isfile(table):
-            raise FileNotFoundError(
+            raise PretrainingInputError(
                 f"Expected {table} beside {path} for valid_fraction (the per-cube CSV that "
                 "infinite_generator_3D.py --input ... --output writes). Received: no such file; "
                 "pass valid_files instead"
@@ -277,20 +271,20 @@ def split_by_source(
         with open(table, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "source" not in reader.fieldnames:
-                raise ValueError(
+                raise PretrainingInputError(
                     f"Expected a 'source' column in {table}. Received: {reader.fieldnames}"
                 )
             rows = [r["source"] for r in reader]
         n = int(np.load(path, mmap_mode="r").shape[0])
         if len(rows) != n:
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected one row per cube in {table} ({n} cubes in {path}). "
                 f"Received: {len(rows)} rows"
             )
         sources += rows
     names = sorted(set(sources))
     if len(names) < 2:
-        raise ValueError(
+        raise PretrainingInputError(
             "Expected cubes from at least 2 source volumes to split by valid_fraction. "
             f"Received: {len(names)} source in {', '.join(files)}"
         )
@@ -317,12 +311,13 @@ def check_cube_file(path: str, config: models_genesis_config) -> int:
         The number of cubes N.
 
     Raises:
-        ValueError: the file cannot be read, or holds no float cubes of the expected size.
+        PretrainingInputError: the file cannot be read, or holds no float cubes of the
+            expected size.
     """
     try:
         cubes = np.load(path, mmap_mode="r")
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise ValueError(f"Cannot read cube file {path}: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:  # a truncated or foreign file: say which
+        raise PretrainingInputError(f"Cannot read cube file {path}: {exc}") from exc
     expected = (config.input_rows, config.input_cols, config.input_deps)
     shape = tuple(cubes.shape)
     if len(shape) == 4:
@@ -332,16 +327,18 @@ def check_cube_file(path: str, config: models_genesis_config) -> int:
     else:
         spatial = None
     if spatial != expected:
-        raise ValueError(
+        raise PretrainingInputError(
             f"Expected cubes of shape (N, {expected[0]}, {expected[1]}, {expected[2]}) in {path} "
             f"(from --input_rows/--input_cols/--input_deps). Received: shape={shape}"
         )
     if cubes.dtype not in (np.float32, np.float64):
-        raise ValueError(
+        raise PretrainingInputError(
             f"Expected float32 or float64 cubes in {path}. Received: dtype={cubes.dtype}"
         )
     if shape[0] < 1:
-        raise ValueError(f"Expected at least one cube in {path}. Received: shape={shape}")
+        raise PretrainingInputError(
+            f"Expected at least one cube in {path}. Received: shape={shape}"
+        )
     return int(shape[0])
 
 
@@ -357,16 +354,19 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
         The `TrainingPlan`.
 
     Raises:
-        PermissionError: model_path cannot be written to.
-        FileExistsError: a run already exists there and neither resume nor overwrite is set.
-        FileNotFoundError, ValueError: missing or unfitting cube files, sizes or counts.
+        PretrainingInputError: model_path cannot be written to; a run already exists there
+            and neither resume nor overwrite is set; missing or unfitting cube files, sizes or
+            counts.
     """
     paths = RunPaths.of(config)
     if is_writer():  # the other processes of a multi-process run write nothing
-        check_writable(os.path.dirname(paths.best))
+        try:
+            check_writable(os.path.dirname(paths.best))
+        except PermissionError as exc:  # the check's own refusal, which names the folder
+            raise PretrainingInputError(str(exc)) from exc
     existing = [p for p in (paths.last, paths.best) if os.path.exists(p)]
     if existing and not config.resume and not overwrite:
-        raise FileExistsError(
+        raise PretrainingInputError(
             f"A run already exists ({', '.join(existing)}). Pass --resume to continue it, or "
             "choose another --model_path or --exp_name."
         )
@@ -394,7 +394,7 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
     for role, n in (("training", n_train), ("validation", n_valid)):
         if n < config.batch_size:
             kind = "folds" if not config.train_files and config.valid_fraction is None else "files"
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected at least batch_size={config.batch_size} {role} cubes. "
                 f"Received: {n} cubes in the {role} {kind}."
             )
@@ -405,7 +405,7 @@ def prepare(config: models_genesis_config, overwrite: bool = False) -> TrainingP
         lower, upper = unet3d.valid_spatial_sizes(size, POOLING_FACTOR)
         if (lower, upper) != (size, size):
             nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
-            raise ValueError(
+            raise PretrainingInputError(
                 f"Expected {name} divisible by {POOLING_FACTOR} (three 2x poolings). "
                 f"Received: {name}={size}; the nearest that work are {nearest}."
             )
@@ -459,19 +459,22 @@ def load_weights_checked(model: keras.Model, path: str) -> None:
             MrGiovanni/ModelsGenesis (through the hub's cache; `download_weights`).
 
     Raises:
-        FileNotFoundError: no file at `path`.
-        ValueError: the file does not fit the model.
+        PretrainingInputError: no file at `path`, an `hf:` name that cannot be fetched, or a
+            file that does not fit the model.
     """
     if path.startswith("hf:"):
         from download_weights import resolve_weights  # only then: it needs huggingface_hub
 
-        path = resolve_weights(path)
+        try:
+            path = resolve_weights(path)
+        except (ValueError, ImportError, FileNotFoundError) as exc:  # its documented refusals
+            raise PretrainingInputError(str(exc)) from exc
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Expected a weight file at --weights {path!r}; none found.")
+        raise PretrainingInputError(f"Expected a weight file at --weights {path!r}; none found.")
     try:
         model.load_weights(path)
-    except Exception as exc:
-        raise ValueError(
+    except (ValueError, OSError) as exc:  # unfitting weights, or not a weight file at all
+        raise PretrainingInputError(
             f"The weight file {path} does not fit this model (input "
             f"{model.input_shape[1:]}, {model.count_params()} parameters): {exc}. Expected "
             "weights of unet_model_3d with the same --n_base_filters (the published "
@@ -633,7 +636,7 @@ def select_distribution(config: models_genesis_config) -> tuple[Any, int]:
 def _multi_process_distribution(config: models_genesis_config, group: Any) -> tuple[Any, int]:
     """Data parallelism over every device of every process of a multi-process run."""
     if config.distribute == "off":
-        raise ValueError(
+        raise PretrainingInputError(
             f"Expected distribute 'auto' or 'all' in a multi-process run ({group.count} "
             "processes). Received: distribute='off'"
         )
@@ -754,12 +757,15 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
         The `TrainingSession`; None when a resumed run had already finished.
     """
     # Before anything runs on the backend: jax.distributed must start first.
-    initialize(
-        config.coordinator_address,
-        config.num_processes,
-        config.process_id,
-        timeout=config.collective_timeout,
-    )
+    try:
+        initialize(
+            config.coordinator_address,
+            config.num_processes,
+            config.process_id,
+            timeout=config.collective_timeout,
+        )
+    except ValueError as exc:  # its refusals of the flags or of the cluster's TF_CONFIG
+        raise PretrainingInputError(str(exc)) from exc
     plan = prepare(config, overwrite=overwrite)
     paths = plan.paths
     state = _resume_state(config, paths)
@@ -778,7 +784,7 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
     if (keras.backend.backend() == "jax" or current_group().is_multi) and (
         config.batch_size % n_devices
     ):
-        raise ValueError(
+        raise PretrainingInputError(
             f"Expected batch_size divisible by the {n_devices} devices of "
             f"data-parallel training. Received: batch_size={config.batch_size}"
         )
@@ -790,7 +796,10 @@ def setup(config: models_genesis_config, overwrite: bool = False) -> TrainingSes
             print(f"Notice: resuming from {paths.last}; --weights {config.weights} is not loaded.")
         model.optimizer.build(model.trainable_variables)
         if state is not None:
-            load_last_checkpoint(paths.last, model)
+            try:
+                load_last_checkpoint(paths.last, model)
+            except ValueError as exc:  # a checkpoint of another model: its message says which
+                raise PretrainingInputError(str(exc)) from exc
 
     train_ds, valid_ds = make_datasets(config, plan)
     # The collapse check always predicts on validation batch 0 of epoch 0 (in full: every
@@ -832,12 +841,9 @@ def train(config: models_genesis_config, overwrite: bool = False) -> keras.callb
         The Keras History of the run (None when a resumed run had already finished).
 
     Raises:
-        PretrainingInputError: anything failed before `fit` started (chained from the error).
+        PretrainingInputError: bad input, found before `fit` started.
     """
-    try:
-        session = setup(config, overwrite=overwrite)
-    except Exception as exc:
-        raise PretrainingInputError(str(exc)) from exc
+    session = setup(config, overwrite=overwrite)
     if session is None:
         return None
     try:
@@ -915,19 +921,15 @@ def run_with_oom_retry(
             if not is_oom_error(exc) or current_group().is_multi:
                 # Processes of one run cannot agree on a smaller batch: stop them all.
                 raise
-            # An out-of-memory error in setup arrives wrapped: report the error itself.
-            error = exc
-            if isinstance(exc, PretrainingInputError) and exc.__cause__ is not None:
-                error = exc.__cause__
             smaller = config.batch_size - 2
             if smaller <= 1:
                 raise RuntimeError(
                     f"Out of accelerator memory at batch_size={config.batch_size}; no smaller "
                     "batch to try. Use a smaller --n_base_filters or input size."
-                ) from error
+                ) from exc
             print(
                 f"\n> Out of accelerator memory at batch_size={config.batch_size} "
-                f"({type(error).__name__}); retrying with batch_size={smaller}."
+                f"({type(exc).__name__}); retrying with batch_size={smaller}."
             )
             config.batch_size = smaller
             # What this invocation already wrote is continued, not refused.

@@ -54,6 +54,8 @@ def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
     assert bench.stage_seconds(tmp_path) is None
     bench.mark_done(tmp_path, digest, 12.34)
     assert bench.stage_seconds(tmp_path) == 12.3 and bench.stage_done(tmp_path, digest)
+    # Written through the one atomic writer: no temporary file is left beside them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage.done", "stage_seconds.json"]
 
 
 def test_tiny_shrinks_every_budget(bench):

@@ -90,7 +90,8 @@ def test_list_defaults_are_not_shared():
     ],
 )
 def test_bad_values_are_refused(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+    # Pre-training's one bad-input type, raised by the config's own check.
+    with pytest.raises(config_module.PretrainingInputError, match=word):
         models_genesis_config(**kwargs)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import finetune
 import finetune_metrics as fm
 import unet3d
 from finetune_helpers import write_xyz
@@ -123,14 +124,18 @@ def test_accuracy():
 
 
 def eval_args(predictions, labels, output, **kw):
-    parser = argparse.ArgumentParser()
-    fm.add_evaluate_arguments(parser)
+    """The flags of `finetune.py evaluate` (keyword flags: True for a switch, else a value)."""
     argv = ["--predictions", str(predictions), "--output", str(output)]
     if labels is not None:
         argv += ["--labels", str(labels)]
     for k, v in kw.items():
         argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
-    return parser.parse_args(argv)
+    return argv
+
+
+def run_evaluate(argv):
+    """`finetune.py evaluate` with these flags: its exit status."""
+    return finetune.main(["evaluate", *argv])
 
 
 def _cases(tmp_path):
@@ -159,7 +164,7 @@ def _cases(tmp_path):
 def test_segmentation_report_hand_values(tmp_path):
     labels, preds, images = _cases(tmp_path)
     report_path = tmp_path / "out" / "report.json"
-    assert fm.run_evaluate(eval_args(preds, labels, report_path, images=images)) == 0
+    assert run_evaluate(eval_args(preds, labels, report_path, images=images)) == 0
     report = json.loads(report_path.read_text())
     by_case = {r["case"]: r for r in report["cases"]}
     assert set(by_case) == {"a", "b", "c"} and report["n_cases"] == 3
@@ -192,25 +197,47 @@ def _read(path):
     return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), (2, 1, 0))
 
 
-def test_case_png_outlines(tmp_path):
-    truth = np.zeros((8, 6, 3), np.uint8)
-    truth[1:7, 1:5, 2] = 1
+def _case_masks():
+    truth = np.zeros((24, 20, 3), np.uint8)
+    truth[4:16, 4:12, 2] = 1  # 96 voxels
     pred = np.zeros_like(truth)
-    pred[1:7, 1:3, 2] = 1
-    path = tmp_path / "x.png"
-    z = fm.save_case_png(str(path), truth, pred, None)
-    assert z == 2
-    rgb = np.asarray(Image.open(path).convert("RGB"))
-    scale = int(np.ceil(256 / 8))
-    assert rgb.shape == (6 * scale, 8 * scale, 3)  # x across, y down
+    pred[6:18, 6:14, 2] = 1  # 96 voxels, 10 x 6 = 60 shared
+    return truth, pred
 
-    def pixel(x, y):
-        return tuple(rgb[y * scale + scale // 2, x * scale + scale // 2])
 
-    assert pixel(3, 4) == (0, 255, 0)  # truth's lower edge only: green
-    assert pixel(1, 1) == (255, 255, 0)  # both outlines: yellow
-    assert pixel(3, 2) == (255, 0, 0)  # prediction's edge inside the truth: red
-    assert pixel(3, 3) == (0, 0, 0)  # inside the truth, outside the prediction: background
+def _grey_pixels(path):
+    """Pixels of the PNG that are grey: neither black, white, nor an outline colour."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int(np.count_nonzero((r == g) & (g == b) & (r > 20) & (r < 235)))
+
+
+def test_case_png_shows_the_image_slice_in_grey_with_both_outlines(tmp_path):
+    truth, pred = _case_masks()
+    # Only slice z=2 (the one with the foreground) holds a ramp of grey values.
+    image = np.zeros(truth.shape, np.float32)
+    image[:, :, 2] = np.add.outer(np.arange(24), np.arange(20))
+    with_image, without = tmp_path / "with.png", tmp_path / "without.png"
+    assert fm.save_case_png(str(with_image), truth, pred, image, title="a") == 2
+    assert fm.save_case_png(str(without), truth, pred, None, title="a") == 2
+    rgb = np.asarray(Image.open(with_image).convert("RGB")).astype(int)
+    assert rgb.shape == (400, 500, 3) and os.path.getsize(with_image) > 5000
+    # The slice's grey ramp fills the axes; without the image only text edges are grey.
+    assert _grey_pixels(with_image) > _grey_pixels(without) + 20000
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    assert np.count_nonzero((g > 200) & (r < 80) & (b < 80)) > 100  # the label's green
+    assert np.count_nonzero((r > 200) & (g < 80) & (b < 80)) > 100  # the prediction's red
+
+
+def test_case_png_title_and_legend(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(fm, "_save_png", lambda fig, path: drawn.append(fig))
+    truth, pred = _case_masks()
+    fm.save_case_png(str(tmp_path / "x.png"), truth, pred, None, title="case_7")
+    ax = drawn[0].axes[0]
+    # Dice by hand: 2 * 60 / (96 + 96) on the slice, and over the volume (the only slice).
+    assert ax.get_title() == "case_7: slice z=2, Dice 0.625 (volume 0.625)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["label", "prediction"]
 
 
 def test_mean_iou_from_saved_probabilities(tmp_path):
@@ -222,7 +249,7 @@ def test_mean_iou_from_saved_probabilities(tmp_path):
     probs[0] = 1 - probs[1]
     np.savez(preds / "a.npz", probabilities=probs, class_values=np.array([0, 1]))
     out = tmp_path / "r.json"
-    assert fm.run_evaluate(eval_args(preds, labels, out, no_png=True)) == 0
+    assert run_evaluate(eval_args(preds, labels, out, no_png=True)) == 0
     a = [r for r in json.loads(out.read_text())["cases"] if r["case"] == "a"][0]
     assert a["mean_iou_from"] == "probabilities"
     # t = 0.5 .. 0.75 (6 thresholds): perfect (1.0); t = 0.8 .. 0.95 (4): nothing predicted,
@@ -236,7 +263,7 @@ def test_class_names_from_dataset_json(tmp_path):
     ds = tmp_path / "dataset.json"
     ds.write_text(json.dumps({"labels": {"background": 0, "tumour": 1, "oedema": 2}}))
     out = tmp_path / "r.json"
-    assert fm.run_evaluate(eval_args(preds, labels, out, no_png=True)) == 0  # beside labels/
+    assert run_evaluate(eval_args(preds, labels, out, no_png=True)) == 0  # beside labels/
     report = json.loads(out.read_text())
     assert report["classes"] == {"tumour": 1, "oedema": 2}
     # Class 2 is in neither: empty vs empty, Dice 1.0.
@@ -251,7 +278,7 @@ def test_class_names_from_dataset_json(tmp_path):
 def test_unpaired_files_are_named(tmp_path, capsys):
     labels, preds, _ = _cases(tmp_path)
     os.rename(preds / "b.nii.gz", preds / "extra.nii.gz")
-    assert fm.run_evaluate(eval_args(preds, labels, tmp_path / "r.json")) == 2
+    assert run_evaluate(eval_args(preds, labels, tmp_path / "r.json")) == 2
     err = capsys.readouterr().err
     assert "extra.nii.gz" in err and "b.nii.gz" in err and err.count("\n") == 1
     assert "without a label" in err and "without a prediction" in err
@@ -271,7 +298,7 @@ def test_geometry_mismatch_names_both_files_and_field(tmp_path, capsys, change, 
     labels, preds, _ = _cases(tmp_path)
     shape = change.pop("shape", (10, 8, 6))
     write_xyz(np.zeros(shape, np.uint8), preds / "b.nii.gz", **change)
-    assert fm.run_evaluate(eval_args(preds, labels, tmp_path / "r.json")) == 2
+    assert run_evaluate(eval_args(preds, labels, tmp_path / "r.json")) == 2
     err = capsys.readouterr().err
     assert str(preds / "b.nii.gz") in err and str(labels / "b.nii.gz") in err
     assert f"differ in {field}" in err
@@ -279,13 +306,35 @@ def test_geometry_mismatch_names_both_files_and_field(tmp_path, capsys, change, 
 
 def test_missing_labels_folder_and_image(tmp_path, capsys):
     labels, preds, images = _cases(tmp_path)
-    assert fm.run_evaluate(eval_args(preds, None, tmp_path / "r.json")) == 2
+    assert run_evaluate(eval_args(preds, None, tmp_path / "r.json")) == 2
     assert "--labels" in capsys.readouterr().err
-    assert fm.run_evaluate(eval_args(preds, tmp_path / "nope", tmp_path / "r.json")) == 2
+    assert run_evaluate(eval_args(preds, tmp_path / "nope", tmp_path / "r.json")) == 2
     assert "nope" in capsys.readouterr().err
     os.remove(images / "c_0000.nii.gz")
-    assert fm.run_evaluate(eval_args(preds, labels, tmp_path / "r.json", images=images)) == 2
+    assert run_evaluate(eval_args(preds, labels, tmp_path / "r.json", images=images)) == 2
     assert "case 'c'" in capsys.readouterr().err
+
+
+def test_unreadable_prediction_is_one_line_and_a_bug_keeps_its_traceback(
+    tmp_path, capsys, monkeypatch
+):
+    labels, preds, _ = _cases(tmp_path)
+    (preds / "b.nii.gz").write_bytes(b"not an image")
+    assert run_evaluate(eval_args(preds, labels, tmp_path / "r.json", no_png=True)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finetune.py evaluate: error: ") and err.count("\n") == 1
+    assert "b.nii.gz" in err
+    (tmp_path / "again").mkdir()
+    labels, preds, _ = _cases(tmp_path / "again")
+
+    def broken(pred, truth):
+        return 1 / 0  # a bug while scoring
+
+    monkeypatch.setattr(fm, "dice_iou", broken)
+    with pytest.raises(ZeroDivisionError) as info:
+        run_evaluate(eval_args(preds, labels, tmp_path / "r.json", no_png=True))
+    assert info.traceback[-1].name == "broken"
+    assert "error:" not in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,18 +357,18 @@ def test_classification_report(tmp_path):
     csv_path = tmp_path / "predictions.csv"
     _write_predictions(csv_path, p, y)
     out = tmp_path / "cls.json"
-    assert fm.run_evaluate(eval_args(tmp_path, None, out)) == 0  # the folder form
+    assert run_evaluate(eval_args(tmp_path, None, out)) == 0  # the folder form
     report = json.loads(out.read_text())
     # Pairs (pos, neg): 0.7 beats 0.1, 0.6, 0.2; 0.4 beats 0.1, 0.2; 0.9 beats all: 8 / 9.
     assert report["roc_auc"] == pytest.approx(8 / 9)
     assert report["accuracy"] == pytest.approx(4 / 6)  # wrong: 0.6 (neg), 0.4 (pos)
     png = Image.open(tmp_path / "cls_roc.png")
-    assert png.size == (400, 400)
+    assert png.size == (500, 400) and os.path.getsize(tmp_path / "cls_roc.png") > 5000
     # Labels from a y .npy instead of the CSV's column.
     csv2 = tmp_path / "nolabel.csv"
     _write_predictions(csv2, p)
     np.save(tmp_path / "y.npy", 1 - np.array(y))
-    assert fm.run_evaluate(eval_args(csv2, tmp_path / "y.npy", out, no_png=True)) == 0
+    assert run_evaluate(eval_args(csv2, tmp_path / "y.npy", out, no_png=True)) == 0
     assert json.loads(out.read_text())["roc_auc"] == pytest.approx(1 / 9)
 
 
@@ -329,17 +378,21 @@ def test_classification_labels_from_candidates_csv_and_errors(tmp_path, capsys):
     cands = tmp_path / "candidates.csv"
     cands.write_text("seriesuid,coordX,coordY,coordZ,class\ns,0,0,0,0\ns,1,1,1,1\ns,2,2,2,1\n")
     out = tmp_path / "r.json"
-    assert fm.run_evaluate(eval_args(csv_path, cands, out, no_png=True)) == 0
+    assert run_evaluate(eval_args(csv_path, cands, out, no_png=True)) == 0
     assert json.loads(out.read_text())["roc_auc"] == pytest.approx(1.0)
-    assert fm.run_evaluate(eval_args(csv_path, None, out)) == 2
+    assert run_evaluate(eval_args(csv_path, None, out)) == 2
     assert "label column" in capsys.readouterr().err
     np.save(tmp_path / "y.npy", np.array([0, 1]))
-    assert fm.run_evaluate(eval_args(csv_path, tmp_path / "y.npy", out)) == 2
+    assert run_evaluate(eval_args(csv_path, tmp_path / "y.npy", out)) == 2
     assert "Expected 3 labels" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
-    assert fm.run_evaluate(eval_args(bad, None, out)) == 2
+    assert run_evaluate(eval_args(bad, None, out)) == 2
     assert "bad.csv" in capsys.readouterr().err
+    words = tmp_path / "words.csv"
+    words.write_text("id,prob_0,prob_1,predicted,label\ns:0,0.5,high,1,1\n")
+    assert run_evaluate(eval_args(words, None, out)) == 2
+    assert "'high' in data row 1" in capsys.readouterr().err
 
 
 def test_help_shows_a_real_example():

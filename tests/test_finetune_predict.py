@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import finetune
 import finetune_predict as fp
 import unet3d
 from finetune_helpers import make_candidates, make_segmentation_folder, read_xyz, write_xyz
@@ -252,15 +253,27 @@ def write_run(run_dir, model, **config):
 
 
 def predict_args(model, inputs, output, **kw):
-    parser = argparse.ArgumentParser()
-    fp.add_predict_arguments(parser)
+    """The flags of `finetune.py predict` (keyword flags: True for a switch, else values)."""
     argv = ["--model", str(model), "--input", *map(str, inputs), "--output", str(output)]
     for k, v in kw.items():
         if v is True:
             argv.append(f"--{k}")
         elif v is not False:
             argv += [f"--{k}", *map(str, v if isinstance(v, (list, tuple)) else [v])]
-    return parser.parse_args(argv)
+    return argv
+
+
+def run_predict(argv):
+    """`finetune.py predict` with these flags: its exit status."""
+    return finetune.main(["predict", *argv])
+
+
+def predict_settings(model, inputs, output, **kw):
+    """The settings the command line makes of these flags."""
+    parser = argparse.ArgumentParser()
+    fp.add_predict_arguments(parser)
+    args = parser.parse_args(predict_args(model, inputs, output, **kw))
+    return finetune.settings_from_args(fp.PredictSettings, args)
 
 
 def _geometry(path):
@@ -274,7 +287,7 @@ def test_predict_folder_gives_hand_thresholded_labels_on_the_input_grid(tmp_path
     data = make_segmentation_folder(tmp_path / "data", n_cases=2, size=(20, 18, 11))
     run = write_run(tmp_path / "run", threshold_model(data_format), data_format=data_format)
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
     assert sorted(os.listdir(out)) == ["case_000.nii.gz", "case_001.nii.gz"]
     for case in ("case_000", "case_001"):
         image_path = data / "imagesTr" / f"{case}_0000.nii.gz"
@@ -296,13 +309,13 @@ def test_predict_multichannel_uses_the_right_channel(tmp_path):
     model = threshold_model(n_channels=2, use_channel=1)
     run = write_run(tmp_path / "run", model, intensity=["ct", "ct"], channel_names=["CT", "CT2"])
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
     hu1 = read_xyz(data / "imagesTr" / "case_000_0001.nii.gz").astype(np.float64)
     np.testing.assert_array_equal(read_xyz(out / "case_000.nii.gz"), (hu1 > 0).astype(np.uint8))
     # A one-channel input to this two-channel model is refused, naming the case.
     single = tmp_path / "single_0000.nii.gz"
     write_xyz(hu1.astype(np.int16), single)
-    assert fp.run_predict(predict_args(run, [single], tmp_path / "p2")) == 2
+    assert run_predict(predict_args(run, [single], tmp_path / "p2")) == 2
 
 
 def test_predict_volume_smaller_than_patch_and_explicit_files(tmp_path, capsys):
@@ -312,7 +325,7 @@ def test_predict_volume_smaller_than_patch_and_explicit_files(tmp_path, capsys):
     write_xyz(hu, path)
     run = write_run(tmp_path / "run", threshold_model())
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [path], out, save_probabilities=True)) == 0
+    assert run_predict(predict_args(run, [path], out, save_probabilities=True)) == 0
     pred = read_xyz(out / "small.mha")
     np.testing.assert_array_equal(pred, (hu > 0).astype(np.uint8))
     with np.load(out / "small.npz") as f:
@@ -329,7 +342,7 @@ def test_predict_with_training_spacing_returns_to_the_input_grid(tmp_path):
     run = write_run(tmp_path / "run", threshold_model(), spacing=[1.6, 1.8, 2.5])
     out = tmp_path / "pred"
     args = predict_args(run, [data / "imagesTr"], out, save_probabilities=True)
-    assert fp.run_predict(args) == 0
+    assert run_predict(args) == 0
     image_path = data / "imagesTr" / "case_000_0000.nii.gz"
     pred_path = out / "case_000.nii.gz"
     got, want = _geometry(pred_path), _geometry(image_path)
@@ -364,14 +377,14 @@ def test_predict_skips_written_cases_unless_overwrite(tmp_path):
     data = make_segmentation_folder(tmp_path / "data", n_cases=2, size=(16, 16, 8))
     run = write_run(tmp_path / "run", threshold_model())
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
     target = out / "case_000.nii.gz"
     write_xyz(np.full((16, 16, 8), 7, np.uint8), target)  # a stand-in that must survive
     os.remove(out / "case_001.nii.gz")
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
     assert (read_xyz(target) == 7).all()
     assert (out / "case_001.nii.gz").exists()
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out, overwrite=True)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out, overwrite=True)) == 0
     assert set(np.unique(read_xyz(target))) <= {0, 1}
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
 
@@ -440,7 +453,7 @@ def test_classification_from_npy_cubes(tmp_path):
     )
     out = tmp_path / "pred" / "cls.csv"
     args = predict_args(run, [tmp_path / "x_test_16x16x8.npy"], out, batch_size=2)
-    assert fp.run_predict(args) == 0
+    assert run_predict(args) == 0
     rows = _read_csv(out)
     assert [r["id"] for r in rows] == [f"x_test_16x16x8:{i}" for i in range(5)]
     probs = np.array([[float(r["prob_0"]), float(r["prob_1"])] for r in rows])
@@ -453,7 +466,7 @@ def test_classification_from_candidates_csv(tmp_path):
     csv_path, vol_dir, rows = make_candidates(tmp_path / "c", n_volumes=2, size=(40, 40, 24))
     run = write_run(tmp_path / "run", mean_model(), task="classification", labels=None)
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [csv_path], out, volumes=vol_dir)) == 0
+    assert run_predict(predict_args(run, [csv_path], out, volumes=vol_dir)) == 0
     got = _read_csv(out / "predictions.csv")
     assert [r["id"] for r in got] == [f"{r['seriesuid']}:{i}" for i, r in enumerate(rows)]
     assert [int(r["label"]) for r in got] == [r["class"] for r in rows]
@@ -466,7 +479,7 @@ def test_classification_from_candidates_csv(tmp_path):
         cube = padded[lo[0] : lo[0] + 16, lo[1] : lo[1] + 16, lo[2] : lo[2] + 8]
         assert float(g["prob_1"]) == pytest.approx(_hand_probs(cube[None])[0, 1], abs=1e-4)
     # Without --volumes: a clear error.
-    assert fp.run_predict(predict_args(run, [csv_path], tmp_path / "p2")) == 2
+    assert run_predict(predict_args(run, [csv_path], tmp_path / "p2")) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,22 +490,22 @@ def test_classification_from_candidates_csv(tmp_path):
 def test_bad_input_exit_2_with_one_line(tmp_path, capsys):
     data = make_segmentation_folder(tmp_path / "data", n_cases=1, size=(16, 16, 8))
     images = data / "imagesTr"
-    assert fp.run_predict(predict_args(tmp_path / "nowhere", [images], tmp_path / "o")) == 2
+    assert run_predict(predict_args(tmp_path / "nowhere", [images], tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "finetune_config.json" in err and err.count("\n") == 1
     run = write_run(tmp_path / "run", threshold_model())
-    assert fp.run_predict(predict_args(run, [images], tmp_path / "o", overlap=1.0)) == 2
+    assert run_predict(predict_args(run, [images], tmp_path / "o", overlap=1.0)) == 2
     assert "--overlap" in capsys.readouterr().err
-    assert fp.run_predict(predict_args(run, [images], tmp_path / "o", batch_size=0)) == 2
+    assert run_predict(predict_args(run, [images], tmp_path / "o", batch_size=0)) == 2
     assert "--batch_size" in capsys.readouterr().err
-    assert fp.run_predict(predict_args(run, [tmp_path / "missing.nii.gz"], tmp_path / "o")) == 2
+    assert run_predict(predict_args(run, [tmp_path / "missing.nii.gz"], tmp_path / "o")) == 2
     assert "missing.nii.gz" in capsys.readouterr().err
     os.remove(os.path.join(run, "best_model.keras"))
-    assert fp.run_predict(predict_args(run, [images], tmp_path / "o")) == 2
+    assert run_predict(predict_args(run, [images], tmp_path / "o")) == 2
     assert "best_model.keras" in capsys.readouterr().err
     with open(os.path.join(tmp_path / "run", "finetune_config.json"), "w") as f:
         json.dump({"task": "segmentation"}, f)
-    assert fp.run_predict(predict_args(run, [images], tmp_path / "o")) == 2
+    assert run_predict(predict_args(run, [images], tmp_path / "o")) == 2
     assert "missing ['patch', 'data_format', 'n_classes']" in capsys.readouterr().err
 
 
@@ -506,9 +519,39 @@ def test_channels_on_different_grids_are_refused(tmp_path, capsys):
         intensity=["ct", "ct"],
         channel_names=["CT", "CT"],
     )
-    assert fp.run_predict(predict_args(run, [a, b], tmp_path / "o")) == 2
+    assert run_predict(predict_args(run, [a, b], tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "c_0000.nii.gz" in err and "c_0001.nii.gz" in err and "spacing" in err
+
+
+def test_library_raises_the_typed_error_where_it_is_checked(tmp_path):
+    run = write_run(tmp_path / "run", threshold_model())
+    with pytest.raises(fp.PredictInputError, match="--overlap"):
+        fp.predict(predict_settings(run, [tmp_path], tmp_path / "o", overlap=1.5))
+    # Refusals of the image finder and of the reader arrive as predict's own type.
+    with pytest.raises(fp.PredictInputError, match="missing.nii.gz"):
+        fp.predict(predict_settings(run, [tmp_path / "missing.nii.gz"], tmp_path / "o"))
+    bad = tmp_path / "bad_0000.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(fp.PredictInputError, match="bad_0000.nii.gz"):
+        fp.predict(predict_settings(run, [bad], tmp_path / "o"))
+    (tmp_path / "run" / "best_model.keras").write_bytes(b"not a model")
+    with pytest.raises(fp.PredictInputError, match=r"Keras model file.*best_model\.keras"):
+        fp.predict(predict_settings(run, [tmp_path], tmp_path / "o"))
+
+
+def test_programming_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    data = make_segmentation_folder(tmp_path / "data", n_cases=1, size=(16, 16, 8))
+    run = write_run(tmp_path / "run", threshold_model())
+
+    def broken(config):
+        raise KeyError("a bug in predict")
+
+    monkeypatch.setattr(fp, "class_values", broken)
+    with pytest.raises(KeyError, match="a bug in predict") as info:
+        run_predict(predict_args(run, [data / "imagesTr"], tmp_path / "o"))
+    assert info.traceback[-1].name == "broken"
+    assert "error:" not in capsys.readouterr().err
 
 
 def test_help_shows_a_real_example():
@@ -536,10 +579,10 @@ def test_interrupted_write_leaves_no_partial_file_and_rerun_completes(tmp_path, 
 
     monkeypatch.setattr(sitk, "WriteImage", write_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        fp.run_predict(predict_args(run, [data / "imagesTr"], out))
+        run_predict(predict_args(run, [data / "imagesTr"], out))
     assert os.listdir(out) == ["case_000.nii.gz"]
     monkeypatch.setattr(sitk, "WriteImage", real_write)
-    assert fp.run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
+    assert run_predict(predict_args(run, [data / "imagesTr"], out)) == 0
     assert sorted(os.listdir(out)) == ["case_000.nii.gz", "case_001.nii.gz"]
 
 
@@ -549,7 +592,7 @@ def test_real_sarcoma_ct_prediction_keeps_the_grid(tmp_path):
     image = require_shared(SHARED_DATA / "sts_ct" / "imagesTr" / "STS_001_0000.nii.gz")
     run = write_run(tmp_path / "run", threshold_model(patch=(64, 64, 32)), patch=[64, 64, 32])
     out = tmp_path / "pred"
-    assert fp.run_predict(predict_args(run, [image], out, batch_size=4)) == 0
+    assert run_predict(predict_args(run, [image], out, batch_size=4)) == 0
     pred_path = out / "STS_001.nii.gz"
     got, want = _geometry(pred_path), _geometry(image)
     assert got[0] == want[0]

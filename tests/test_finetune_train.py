@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import h5py
@@ -19,7 +20,8 @@ from finetune_helpers import (
     make_segmentation_arrays,
     make_segmentation_folder,
 )
-from finetune_trainer import build_model, prepare, weight_file_width
+from finetune_prepare import FinetuneSettings, prepare, weight_file_width
+from finetune_trainer import build_model
 
 TINY = ["--n_base_filters", "4", "--batch_size", "2", "--verbose", "0"]
 
@@ -47,7 +49,9 @@ def _h5_first_kernel(path):
 
 
 def _args(argv):
-    return finetune.build_parser("train").parse_args(["train", *argv])
+    """The settings `finetune.py train` makes of these flags."""
+    args = finetune.build_parser("train").parse_args(["train", *argv])
+    return finetune.settings_from_args(FinetuneSettings, args)
 
 
 def _log_epochs(run):
@@ -56,7 +60,7 @@ def _log_epochs(run):
 
 
 @pytest.mark.slow
-def test_segmentation_folder_train_then_resume(tmp_path):
+def test_segmentation_folder_train_then_resume(tmp_path, capsys):
     data = make_segmentation_folder(tmp_path / "data", n_cases=4, size=(20, 20, 12))
     weights = _weights(tmp_path / "pre.weights.h5")
     run = tmp_path / "run"
@@ -92,6 +96,9 @@ def test_segmentation_folder_train_then_resume(tmp_path):
     assert cfg["intensity"] == ["ct"] and cfg["n_base_filters"] == 4  # width from the file
     assert cfg["file_ending"] == ".nii.gz" and cfg["channel_names"] == ["CT"]
     assert sorted(cfg["train_cases"] + cfg["valid_cases"]) == [f"case_{i:03d}" for i in range(4)]
+    # The settings as given: printed first, and saved beside the resolved ones.
+    assert cfg["settings"]["weights"] == str(weights) and cfg["settings"]["n_base_filters"] is None
+    assert capsys.readouterr().out.startswith("Fine-tuning settings:")
     model = keras.models.load_model(run / "best_model.keras")  # needs only `import unet3d`
     x = np.random.default_rng(0).random((1, 1, 16, 16, 8), dtype=np.float32)
     p = np.asarray(model.predict_on_batch(x))
@@ -235,3 +242,80 @@ def test_candidates_split_by_series(tmp_path):
     assert x.shape == (2, 1, 8, 8, 8) and y.shape == (2, 2)
     # Every validation cube comes from the validation series.
     assert len(plan.valid_ds.indices) == 4 and len(plan.train_ds.indices) == 8
+
+
+def test_settings_defaults_are_the_command_line_s(tmp_path):
+    assert _args(["--data", "d", "--output", "o"]) == FinetuneSettings(data="d", output="o")
+    given = _args(["--data", "d", "--output", "o", "--patch", "16", "16", "8", "--lr", "0.01"])
+    assert given.patch == (16, 16, 8) and given.lr == 0.01
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(batch_size=0), "--batch_size of at least 1"),
+        (dict(lr=0.0), "--lr > 0"),
+        (dict(bn_momentum=1.0), r"--bn_momentum in \[0, 1\)"),
+        (dict(loss="focal"), "--loss in"),
+        (dict(optimizer="lbfgs"), "--optimizer in"),
+        (dict(data_format="NDHWC"), "--data_format channels_first or channels_last"),
+    ],
+)
+def test_bad_settings_are_refused_before_the_run_folder_is_made(tmp_path, change, message):
+    data = make_segmentation_arrays(tmp_path / "data")
+    settings = FinetuneSettings(data=str(data), output=str(tmp_path / "r"), weights="none")
+    with pytest.raises(FinetuneInputError, match=message):
+        prepare(dataclasses.replace(settings, **change))
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Bad input: exit 2 and one line. A programming error during setup: raised as itself."""
+    import finetune_trainer
+
+    data = make_segmentation_arrays(tmp_path / "data")
+    argv = ["train", "--data", str(data), "--output", str(tmp_path / "r"), "--weights", "none"]
+    assert finetune.main([*argv, "--bn_momentum", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("finetune.py train: error: Expected --bn_momentum") and err.count("\n") == 1
+    )
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the trainer")
+
+    monkeypatch.setattr(finetune_trainer, "build_model", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in the trainer") as info:
+        finetune.main([*argv, *TINY])
+    assert info.traceback[-1].name == "broken"
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_curves_picture_from_the_log(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from finetune_trainer import draw_curves
+
+    drawn = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    log = tmp_path / "training_log.csv"
+    log.write_text(
+        "epoch,dice_coef,loss,val_dice_coef,val_loss\n0,0.1,0.9,0.05,1.0\n1,0.3,0.7,0.2,0.8\n"
+    )
+    png = tmp_path / "curves.png"
+    draw_curves(str(log), str(png), "dice_coef")
+    assert Image.open(png).size == (800, 350) and png.stat().st_size > 5000
+    loss, dice = drawn[0].axes
+    assert [line.get_label() for line in loss.lines] == ["training", "validation"]
+    np.testing.assert_array_equal(loss.lines[1].get_xdata(), [1, 2])  # epochs from 1
+    np.testing.assert_array_equal(dice.lines[0].get_ydata(), [0.1, 0.3])
+    assert dice.get_ylabel() == "dice_coef" and loss.get_xlabel() == "epoch"
+    draw_curves(str(tmp_path / "no_log_yet.csv"), str(png), "dice_coef")  # before epoch 1
+    assert not drawn[1].axes[0].lines

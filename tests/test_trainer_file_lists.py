@@ -11,6 +11,7 @@ import pytest
 from config import models_genesis_config
 from genesis_dataset import GenesisPairDataset
 from genesis_trainer import (
+    PretrainingInputError,
     SubsetPairDataset,
     make_datasets,
     prepare,
@@ -41,9 +42,9 @@ def test_globs_are_sorted_deduplicated_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     got = resolve_cube_files(["*.npy", "a.npy", "**/c.npy"], "training")
     assert got == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy"), str(tmp_path / "sub/c.npy")]
-    with pytest.raises(FileNotFoundError, match=r"training pattern 'x\*.npy' to match"):
+    with pytest.raises(PretrainingInputError, match=r"training pattern 'x\*.npy' to match"):
         resolve_cube_files(["*.npy", "x*.npy"], "training")
-    with pytest.raises(FileNotFoundError, match="validation cube file at 'gone.npy'"):
+    with pytest.raises(PretrainingInputError, match="validation cube file at 'gone.npy'"):
         resolve_cube_files(["gone.npy"], "validation")
 
 
@@ -111,7 +112,7 @@ def test_split_by_source_extremes_and_errors(tmp_path):
     with pytest.raises(ValueError, match="at least 2 source volumes"):
         split_by_source([one], 0.5, 0)
     bare = write_file(str(tmp_path / "bare.npy"), ["a", "b"], csv_file=False)
-    with pytest.raises(FileNotFoundError, match=r"bare.csv beside .*bare.npy"):
+    with pytest.raises(PretrainingInputError, match=r"bare.csv beside .*bare.npy"):
         split_by_source([bare], 0.5, 0)
     short = write_file(str(tmp_path / "short.npy"), ["a", "b"])
     np.save(short, np.zeros((3, 16, 16, 16), np.float32))

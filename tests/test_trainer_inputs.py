@@ -18,7 +18,7 @@ from pretraining_helpers import TINY, tiny_config, write_cubes
 
 def test_missing_fold_lists_names_and_extraction_command(tmp_path):
     write_cubes(tmp_path / "cubes", folds=(0,))
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(PretrainingInputError) as info:
         prepare(tiny_config(tmp_path))
     message = str(info.value)
     assert "validation fold 1" in message
@@ -83,7 +83,7 @@ def test_size_not_divisible_by_the_poolings_is_refused(tmp_path):
 def test_unwritable_model_path_is_refused(tmp_path):
     write_cubes(tmp_path / "cubes")
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(PermissionError, match="Cannot write to model_path"):
+    with pytest.raises(PretrainingInputError, match="Cannot write to model_path"):
         prepare(tiny_config(tmp_path, model_path=str(tmp_path / "a_file" / "w")))
 
 
@@ -91,22 +91,41 @@ def test_existing_run_is_not_overwritten(tmp_path):
     write_cubes(tmp_path / "cubes")
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "Vnet-genesis_chest_ct.h5").write_bytes(b"weights")
-    with pytest.raises(FileExistsError, match="--resume.*--model_path or --exp_name"):
+    with pytest.raises(PretrainingInputError, match="--resume.*--model_path or --exp_name"):
         prepare(tiny_config(tmp_path))
     prepare(tiny_config(tmp_path, resume=True))
     prepare(tiny_config(tmp_path, exp_name="other"))
     assert (tmp_path / "w" / "Vnet-genesis_chest_ct.h5").read_bytes() == b"weights"
 
 
-def test_train_raises_one_error_type_for_bad_input(tmp_path):
-    """Whatever fails before fit is a PretrainingInputError with the original's message."""
+def test_bad_input_is_one_error_type_raised_where_it_is_checked(tmp_path):
+    """Bad input is a PretrainingInputError from the check itself, not a relabelled error."""
     write_cubes(tmp_path / "cubes")
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "Vnet-genesis_chest_ct.h5").write_bytes(b"weights")
     with pytest.raises(PretrainingInputError, match="--resume.*--model_path or --exp_name") as info:
         train(tiny_config(tmp_path))
-    assert isinstance(info.value.__cause__, FileExistsError)
-    assert str(info.value) == str(info.value.__cause__)
+    assert info.value.__cause__ is None
+    assert isinstance(info.value, ValueError)  # callers catching ValueError still see it
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError, KeyError])
+def test_programming_error_in_setup_keeps_its_type_and_traceback(tmp_path, monkeypatch, error):
+    """A bug before fit is not reported as bad input: it reaches the caller as itself."""
+    import genesis_trainer
+
+    def broken(config):
+        raise error("a bug in the trainer")
+
+    write_cubes(tmp_path / "cubes")
+    monkeypatch.setattr(genesis_trainer, "build_model", broken)
+    with pytest.raises(error, match="a bug in the trainer") as info:
+        Genesis_Chest_CT.main(
+            ["--data", str(tmp_path / "cubes"), "--model_path", str(tmp_path / "w"), *TINY]
+        )
+    assert not isinstance(info.value, PretrainingInputError)
+    # The traceback reaches down to the function that raised.
+    assert info.traceback[-1].name == "broken"
 
 
 def test_main_reports_bad_input_in_one_line(tmp_path, capsys):
@@ -126,7 +145,7 @@ def test_weight_file_that_does_not_fit_is_refused(tmp_path):
     model = build_model(tiny_config(tmp_path))
     with pytest.raises(ValueError, match="other.h5 does not fit this model"):
         load_weights_checked(model, str(tmp_path / "other.h5"))
-    with pytest.raises(FileNotFoundError, match="missing.h5"):
+    with pytest.raises(PretrainingInputError, match="missing.h5"):
         load_weights_checked(model, str(tmp_path / "missing.h5"))
 
 

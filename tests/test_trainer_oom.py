@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from genesis_trainer import PretrainingInputError, is_oom_error, run_with_oom_retry
+from genesis_trainer import is_oom_error, run_with_oom_retry
 from pretraining_helpers import csv_rows, make_error, tiny_config, write_cubes
 
 
@@ -66,21 +66,24 @@ def test_oom_retry_gives_up_at_batch_one(tmp_path):
     assert seen == [5, 3]  # 1 is not tried, as the original's `while batch_size > 1`
 
 
-def test_oom_in_setup_is_retried_and_reported_by_its_own_type(tmp_path, capsys):
-    """An OOM before fit arrives as PretrainingInputError: the retry names the error itself."""
+def test_oom_in_setup_is_retried_and_reported_by_its_own_type(tmp_path, monkeypatch, capsys):
+    """An OOM while the real `train` builds the model is retried, not taken for bad input."""
+    import genesis_trainer
+
+    write_cubes(tmp_path / "cubes")
+    real_build = genesis_trainer.build_model
     seen = []
 
-    def setup_oom(config, overwrite=False):
+    def build_model(config):
         seen.append(config.batch_size)
-        try:
+        if len(seen) == 1:
             raise make_error("ResourceExhaustedError", "OOM")
-        except Exception as exc:
-            raise PretrainingInputError(str(exc)) from exc
+        return real_build(config)
 
-    with pytest.raises(RuntimeError, match="batch_size=2; no smaller") as info:
-        run_with_oom_retry(tiny_config(tmp_path, batch_size=4), setup_oom)
+    monkeypatch.setattr(genesis_trainer, "build_model", build_model)
+    config = tiny_config(tmp_path, batch_size=4, nb_epoch=1, steps_per_epoch=1, validation_steps=1)
+    run_with_oom_retry(config)
     assert seen == [4, 2]
-    assert type(info.value.__cause__).__name__ == "ResourceExhaustedError"
     assert "(ResourceExhaustedError); retrying with batch_size=2" in capsys.readouterr().out
 
 

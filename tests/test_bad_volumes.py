@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import ROOT
-from test_finetune_predict import PATCH, predict_args, threshold_model, write_run
+from test_finetune_predict import PATCH, predict_settings, threshold_model, write_run
 
 import finetune
 import finetune_predict as fp
@@ -272,7 +272,7 @@ def _predict(tmp_path, inputs, ending=".nii.gz"):
     # A run trained on `ending` files: a folder of them is read with that ending.
     run = write_run(tmp_path / "run", threshold_model(), file_ending=ending)
     out = tmp_path / "pred"
-    return fp.run_predict(predict_args(run, inputs, out)), out
+    return fp.predict(predict_settings(run, inputs, out)), out
 
 
 @pytest.mark.parametrize(

@@ -26,14 +26,25 @@ Fine-tune the Models Genesis 3D U-Net on labelled data, from pre-trained weights
   * a LUNA16-format candidates CSV (seriesuid,coordX,coordY,coordZ,class) beside its volumes
     (classification: cubes of --patch centred on each candidate).
 
-Defaults are the original's downstream settings: Adam, lr 1e-3, dice_coef_loss (segmentation)
-or categorical cross-entropy (classification), ReduceLROnPlateau(factor 0.5, patience 6,
-min_delta 1e-4, min_lr 1e-6), early stopping on val_loss, the best val_loss model kept.
+Two recipes set what the flags leave out (docs/finetuning.md, "Recipes"):
+  * default: a plan from the data set's fingerprint (spacing, patch, batch size, intensities;
+    printed at the start, saved as fingerprint.json and plan.json), augmentation, cross-entropy
+    plus the foreground Dice, Adam at 1e-3 with a polynomial decay, batch-norm momentum 0.9,
+    channels-last; predict mirrors each window (test-time augmentation);
+  * original (--recipe original): the original's downstream settings: patch 64 64 32 at the
+    volumes' own spacing, no augmentation, Adam at 1e-3, dice_coef_loss (segmentation) or
+    categorical cross-entropy (classification), ReduceLROnPlateau(factor 0.5, patience 6,
+    min_delta 1e-4, min_lr 1e-6), batch 8, channels-first.
+Any flag given wins over the recipe. Early stopping on val_loss; the best val_loss model kept.
 RUN_DIR gets best_model.keras, last_checkpoint.npz (--resume), finetune_config.json,
 training_log.csv and curves.png."""
 
 TRAIN_EPILOG = """\
-example (36 sarcoma CTs, pre-trained weights, then a rerun after a crash):
+example (36 sarcoma CTs from scratch on a CPU, planned for a 64x64x32 patch):
+  python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts-cpu \
+      --weights none --n_base_filters 8 --batch_size 2 --epochs 64 --steps_per_epoch 8 \
+      --patch 64 64 32
+pre-trained weights, then a rerun after a crash:
   python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts \\
       --weights pretrained_weights/Genesis_Chest_CT.h5 --patch 64 64 32 --epochs 50
   python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts \\
@@ -73,16 +84,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=_patch,
         metavar=("R", "C", "D"),
         default=None,
-        help="patch size along x, y, z, each divisible by 8 (default: 64 64 32; arrays: their "
-        "own size)",
+        help="patch size along x, y, z, each divisible by 8 (default: planned; original recipe "
+        "and candidates: 64 64 32; arrays: their own size)",
     )
     g.add_argument(
         "--intensity",
         nargs="+",
-        choices=("ct", "mri", "minmax", "none"),
+        choices=("ct", "mri", "minmax", "none", "ct_foreground", "zscore"),
         default=None,
-        help="intensity mapping, one for all channels or one per channel (default: from "
-        "dataset.json's channel names: CT -> ct, MRI names -> mri, else minmax; arrays: none)",
+        help="intensity mapping, one for all channels or one per channel (default: planned; "
+        "original recipe: from dataset.json's channel names: CT -> ct, MRI names -> mri, else "
+        "minmax; arrays: none)",
     )
     g.add_argument(
         "--spacing",
@@ -90,7 +102,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar=("X", "Y", "Z"),
         default=None,
-        help="resample volumes to this spacing in mm first (default: off)",
+        help="resample volumes to this spacing in mm first (default: planned; original recipe: "
+        "off)",
     )
     g.add_argument(
         "--fold", type=int, default=None, help="validation fold of --folds (default: 80/20 split)"
@@ -119,14 +132,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--data_format",
         choices=("channels_first", "channels_last"),
-        default="channels_first",
-        help="tensor layout (default: channels_first, the original's)",
+        default=None,
+        help="tensor layout; both load the same weights (default: channels_last, several times "
+        "faster on a CPU; original recipe: channels_first)",
     )
     m.add_argument("--mixed_precision", action="store_true", help="mixed bfloat16 (GPUs)")
     t = parser.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=8, help="default: 8")
     t.add_argument(
-        "--epochs", type=int, default=10000, help="default: 10000 (early stopping ends it)"
+        "--recipe",
+        choices=("default", "original"),
+        default="default",
+        help="what the flags left out are: this project's measured recipe, or the original's "
+        "settings exactly (default: default)",
+    )
+    t.add_argument(
+        "--batch_size", type=int, default=None, help="default: planned; original recipe: 8"
+    )
+    t.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 1000; original recipe: 10000 (early stopping ends it)",
     )
     t.add_argument(
         "--steps_per_epoch",
@@ -138,30 +164,46 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--validation_steps",
         type=int,
         default=None,
-        help="default: 50 for volumes (fixed patches), one pass for arrays",
+        help="default: as many as --steps_per_epoch, at most 50 (original recipe: 50) for "
+        "volumes (fixed patches); one pass for arrays",
     )
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3)")
     t.add_argument(
         "--optimizer",
         choices=("adam", "sgd", "rmsprop", "adamw"),
-        default="adam",
+        default=None,
         help="default: adam",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=("poly", "plateau"),
+        default=None,
+        help="learning rate: poly, lr * (1 - epoch / epochs) ** 0.9; plateau, halved when "
+        "val_loss stalls (default: poly; original recipe: plateau)",
+    )
+    t.add_argument(
+        "--augment",
+        choices=("default", "none"),
+        default=None,
+        help="augmentation of training patches: rotation, scaling, mirroring, intensity "
+        "(docs/finetuning.md) (default: default; original recipe: none)",
     )
     t.add_argument(
         "--loss",
         choices=("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss"),
-        default="dice_coef_loss",
+        default=None,
         help="segmentation loss, from unet3d: dice_coef_loss (the original's; its Dice counts "
         "the background too), bce_dice_loss (adds per-voxel cross-entropy) or "
         "bce_foreground_dice_loss (cross-entropy and the Dice of the foreground alone, which "
-        "an all-background output cannot score on) (default: dice_coef_loss)",
+        "an all-background output cannot score on) (default: bce_foreground_dice_loss; "
+        "original recipe: dice_coef_loss)",
     )
     t.add_argument(
         "--bn_momentum",
         type=float,
         default=None,
-        help="momentum of the batch normalization statistics that inference uses; lower "
-        "(e.g. 0.9) for short runs (default: Keras' 0.99)",
+        help="momentum of the batch normalization statistics that inference uses; lower for "
+        "short runs (default: 0.9; original recipe: Keras' 0.99)",
     )
     t.add_argument("--patience", type=int, default=50, help="early stopping (default: 50)")
     t.add_argument("--seed", type=int, default=0, help="split, patches and weights (default: 0)")

@@ -394,7 +394,11 @@ class PreparedCase:
 
 
 def _prepare_one(
-    case: Case, n_classes: int, intensity: Sequence[str], spacing: Sequence[float] | None
+    case: Case,
+    n_classes: int,
+    intensity: Sequence[str],
+    spacing: Sequence[float] | None,
+    intensity_params: Sequence[dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     label_img = read_image(case.label)
     images = [read_image(p) for p in case.images]
@@ -418,9 +422,10 @@ def _prepare_one(
         label_img = resample_image(label_img, spacing, label=True)
         images = [resample_image(img, spacing) for img in images]
     label = image_to_array(label_img).astype(np.uint8)
+    params = intensity_params or [None] * len(intensity)
     channels = [
-        normalise_intensity(image_to_array(img), mode)
-        for img, mode in zip(images, intensity, strict=True)
+        normalise_intensity(image_to_array(img), mode, p)
+        for img, mode, p in zip(images, intensity, params, strict=True)
     ]
     image = np.stack(channels).astype(np.float32)
     foreground = {}
@@ -437,6 +442,7 @@ def prepare_cases(
     intensity: Sequence[str],
     spacing: Sequence[float] | None = None,
     progress: bool = True,
+    intensity_params: Sequence[dict] | None = None,
 ) -> list[PreparedCase]:
     """Check, normalise and cache every case once; return them memory-mapped.
 
@@ -450,6 +456,8 @@ def prepare_cases(
         intensity: one mode of `INTENSITY_MODES` per channel.
         spacing: resample to this (x, y, z) spacing in mm first; None keeps each case's own.
         progress: show a progress bar.
+        intensity_params: per channel, its mode's parameters (the plan's: "ct_foreground"
+            needs clip, mean and std); None: none.
 
     Returns:
         The `PreparedCase`s, in `source.cases` order.
@@ -485,11 +493,15 @@ def prepare_cases(
             "spacing": None if spacing is None else [float(s) for s in spacing],
             "n_classes": source.n_classes,
         }
+        if intensity_params and any(intensity_params):
+            key["intensity_params"] = [dict(p or {}) for p in intensity_params]
         digest = cache_digest(key)
         base = os.path.join(cache_dir, f"{case.case_id}-{digest}")
         record = base + ".json"
         if not os.path.isfile(record):
-            image, label, fg = _prepare_one(case, source.n_classes, intensity, spacing)
+            image, label, fg = _prepare_one(
+                case, source.n_classes, intensity, spacing, intensity_params
+            )
             save_npy(base + "_image.npy", image)
             save_npy(base + "_label.npy", label)
             with atomic_path(base + "_fg.npz") as tmp, open(tmp, "wb") as f:
@@ -513,6 +525,46 @@ def prepare_cases(
             f"{source.root}. Received: every label map in labelsTr/ is all background"
         )
     return prepared
+
+
+def fingerprint_cases(
+    source: SegmentationSource, seed: int = 0, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Each case's fingerprint (`finetune_fingerprint.case_fingerprint`) at its own spacing.
+
+    Args:
+        source: the data set.
+        seed: the intensity samples' generator seed (one generator for all cases, in order).
+        progress: show a progress bar.
+
+    Returns:
+        The per-case fingerprints, in `source.cases` order.
+
+    Raises:
+        VolumeError: a volume that cannot be used, naming the file.
+    """
+    from finetune_fingerprint import case_fingerprint
+
+    rng = np.random.default_rng(seed)
+    iterator = source.cases
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(source.cases, desc="Fingerprint", unit="case")
+    prints = []
+    for case in iterator:
+        label_img = read_image(case.label)
+        images = [image_to_array(read_image(p)) for p in case.images]
+        prints.append(
+            case_fingerprint(
+                np.stack(images),
+                image_to_array(label_img),
+                label_img.GetSpacing(),
+                rng=rng,
+                case_id=case.case_id,
+            )
+        )
+    return prints
 
 
 # ------------------------------------------------------------------------------------------

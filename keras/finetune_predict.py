@@ -100,13 +100,17 @@ class PredictSettings:
         output_ending: ending of the label maps; None: the input's own.
         volumes: the volumes of a candidates CSV.
         model_file: the model to load; None: ``{model}/best_model.keras``.
+        tta: "on" mirrors each window along the three axes and averages the 8 predictions,
+            "off" predicts once; None: the run's recipe's.
+        postprocess: "largest_component" keeps each class's largest connected piece, "none"
+            keeps all; None: the run's recipe's.
     """
 
     model: str
     input: tuple[str, ...]
     output: str
     overlap: float = 0.5
-    batch_size: int = 2
+    batch_size: int = 8
     save_probabilities: bool = False
     overwrite: bool = False
     no_gaussian: bool = False
@@ -114,6 +118,8 @@ class PredictSettings:
     output_ending: str | None = None
     volumes: str | None = None
     model_file: str | None = None
+    tta: str | None = None
+    postprocess: str | None = None
 
 
 def _read_image(path: str) -> sitk.Image:
@@ -452,8 +458,10 @@ def predict_case(
     config: dict[str, Any],
     image_paths: Sequence[str],
     overlap: float = 0.5,
-    batch_size: int = 2,
+    batch_size: int = 8,
     gaussian: bool = True,
+    tta: bool = False,
+    postprocess: str = "none",
 ) -> tuple[np.ndarray, np.ndarray, vio.Geometry]:
     """Predict one case on its own grid.
 
@@ -464,6 +472,9 @@ def predict_case(
         overlap: window overlap in [0, 1).
         batch_size: windows per model call.
         gaussian: Gaussian window weighting.
+        tta: mirror each window along the three axes and average the 8 predictions.
+        postprocess: "largest_component" keeps only each class's largest connected piece
+            (on the working grid), "none" keeps the label map as predicted.
 
     Returns:
         (label map (x, y, z) of label values, probabilities (n_classes, x, y, z) float32, the
@@ -479,10 +490,13 @@ def predict_case(
     spacing = config.get("spacing")
     if spacing:
         images = [vio.resample_image(img, spacing) for img in images]
+    params = config.get("intensity_params") or [None] * len(modes)
+    if len(params) == 1 and len(modes) > 1:
+        params = params * len(modes)
     volume = np.stack(
         [
-            vio.normalise_intensity(vio.image_to_array(img), mode)
-            for img, mode in zip(images, modes, strict=True)
+            vio.normalise_intensity(vio.image_to_array(img), mode, p)
+            for img, mode, p in zip(images, modes, params, strict=True)
         ]
     )
     n_classes = int(config["n_classes"])
@@ -494,9 +508,14 @@ def predict_case(
         overlap=overlap,
         batch_size=batch_size,
         gaussian=gaussian,
+        mirror_axes=(0, 1, 2) if tta else (),
+        fill=_background_value(modes[0], params[0]),
     )
     values = class_values(config)
-    labels = values[np.argmax(probs, axis=0)]
+    index = np.argmax(probs, axis=0)
+    if postprocess == "largest_component":
+        index = keep_largest_component(index)
+    labels = values[index]
     if spacing:
         work = vio.Geometry.of(images[0])
         labels = vio.image_to_array(
@@ -514,6 +533,13 @@ def predict_case(
             ]
         )
     return labels, probs, geometry
+
+
+def _background_value(mode: str, params: dict[str, Any] | None) -> float:
+    # What air normalises to: the padding of a volume smaller than the patch (as in training).
+    if mode == "ct_foreground" and params:
+        return (float(params["clip"][0]) - float(params["mean"])) / max(float(params["std"]), 1e-8)
+    return 0.0
 
 
 def _label_dtype(values: np.ndarray) -> np.dtype:
@@ -687,7 +713,24 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", type=float, default=0.5, help="window overlap in [0, 1) (default 0.5)"
     )
-    parser.add_argument("--batch_size", type=int, default=2, help="windows per model call")
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="windows per model call (default: 8)"
+    )
+    parser.add_argument(
+        "--tta",
+        choices=("on", "off"),
+        default=None,
+        help="test-time augmentation: also predict each window mirrored along x, y and z and "
+        "average (8 times the work) (default: the run's recipe's: on for the default recipe, "
+        "off for the original's)",
+    )
+    parser.add_argument(
+        "--postprocess",
+        choices=POSTPROCESSING,
+        default=None,
+        help="largest_component keeps each class's largest connected piece (default: the run's "
+        "recipe's)",
+    )
     parser.add_argument(
         "--save_probabilities",
         action="store_true",
@@ -733,6 +776,13 @@ def check_settings(settings: PredictSettings) -> None:
     if settings.batch_size < 1:
         raise PredictInputError(
             f"Expected --batch_size >= 1. Received: --batch_size {settings.batch_size}"
+        )
+    if settings.tta not in (None, "on", "off"):
+        raise PredictInputError(f"Expected --tta on or off. Received: --tta {settings.tta}")
+    if settings.postprocess not in (None, *POSTPROCESSING):
+        raise PredictInputError(
+            f"Expected --postprocess in {POSTPROCESSING}. Received: --postprocess "
+            f"{settings.postprocess}"
         )
 
 
@@ -799,6 +849,8 @@ def _predict_segmentation(settings: PredictSettings, model: Any, config: dict[st
                 overlap=settings.overlap,
                 batch_size=settings.batch_size,
                 gaussian=not settings.no_gaussian,
+                tta=(settings.tta or config.get("tta") or "off") == "on",
+                postprocess=settings.postprocess or config.get("postprocess") or "none",
             )
         except vio.VolumeError as exc:
             # One bad volume must not cost the others their predictions: named, skipped.

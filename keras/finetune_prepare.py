@@ -69,6 +69,8 @@ FILES = {
     "last": "last_checkpoint.npz",
     "csv": "training_log.csv",
     "curves": "curves.png",
+    "fingerprint": "fingerprint.json",
+    "plan": "plan.json",
     "cache": "preprocessed",
 }
 OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
@@ -85,6 +87,47 @@ _RESUME_KEYS = (
 )
 # nnU-Net's batches per epoch for volumes (training, validation).
 VOLUME_STEPS = (250, 50)
+SCHEDULES = ("plateau", "poly")
+AUGMENTATIONS = ("default", "none")
+# What each recipe sets for the flags left out. "original" is the original code's downstream
+# recipe exactly; "default" is this project's (docs/finetuning.md, "Recipes"): a plan made
+# from the data set's fingerprint (spacing, patch, batch size, intensities), augmentation,
+# cross-entropy with the foreground Dice, a polynomial learning-rate decay, batch-norm
+# statistics that follow short runs, and the faster channels-last layout.
+RECIPES: dict[str, dict[str, Any]] = {
+    "original": dict(
+        plan=False,
+        patch=(64, 64, 32),
+        batch_size=8,
+        epochs=10000,
+        lr=1e-3,
+        optimizer="adam",
+        loss="dice_coef_loss",
+        schedule="plateau",
+        bn_momentum=None,
+        augment="none",
+        data_format="channels_first",
+        tta="off",
+        postprocess="none",
+    ),
+    "default": dict(
+        plan=True,
+        patch=None,
+        batch_size=None,
+        epochs=1000,
+        lr=1e-3,
+        optimizer="adam",
+        loss="bce_foreground_dice_loss",
+        schedule="poly",
+        bn_momentum=0.9,
+        augment="default",
+        data_format="channels_last",
+        tta="on",
+        postprocess="none",
+    ),
+}
+# Where a polynomial decay ends: lr * (1 - epoch / epochs) ** POLY_EXPONENT (nnU-Net's 0.9).
+POLY_EXPONENT = 0.9
 # Segmentation losses of unet3d by name; the first is the original's and the default.
 SEGMENTATION_LOSSES = ("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss")
 
@@ -211,7 +254,12 @@ class FinetuneSettings:
         steps_per_epoch, validation_steps: None: 250 and 50 for volumes, one pass for arrays.
         lr, optimizer, loss: the optimizer (`OPTIMIZERS`) at ``lr``; the segmentation loss
             (`SEGMENTATION_LOSSES`).
-        bn_momentum: batch normalization momentum; None: Keras' 0.99.
+        bn_momentum: batch normalization momentum; None: the recipe's (original: Keras' 0.99).
+        recipe: "default" or "original": what the flags left out are (`RECIPES`).
+        schedule: "plateau" (halve the rate when val_loss stalls, the original's) or "poly"
+            (``lr * (1 - epoch / epochs) ** 0.9``); None: the recipe's.
+        augment: "default" (`finetune_augment.AugmentSettings()`) or "none"; None: the
+            recipe's.
         patience: early stopping's.
         seed: the split, the patches and the new weights.
         workers: threads making batches.
@@ -232,16 +280,19 @@ class FinetuneSettings:
     weights: str | None = None
     n_base_filters: int | None = None
     freeze_encoder: bool = False
-    data_format: str = "channels_first"
+    data_format: str | None = None
     mixed_precision: bool = False
-    batch_size: int = 8
-    epochs: int = 10000
+    batch_size: int | None = None
+    epochs: int | None = None
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    loss: str = "dice_coef_loss"
+    lr: float | None = None
+    optimizer: str | None = None
+    loss: str | None = None
     bn_momentum: float | None = None
+    recipe: str = "default"
+    schedule: str | None = None
+    augment: str | None = None
     patience: int = 50
     seed: int = 0
     workers: int = 1
@@ -262,6 +313,35 @@ class FinetuneSettings:
             print(f"  {name:20s}{value}")
 
 
+def resolve_recipe(settings: FinetuneSettings) -> FinetuneSettings:
+    """The settings with every flag left out (None) taken from the recipe (`RECIPES`).
+
+    The patch and the batch size stay None where the recipe plans them from the data.
+
+    Args:
+        settings: the run's settings as given.
+
+    Returns:
+        A new `FinetuneSettings`.
+
+    Raises:
+        FinetuneInputError: an unknown recipe.
+    """
+    if settings.recipe not in RECIPES:
+        raise FinetuneInputError(
+            f"Expected --recipe in {tuple(RECIPES)}. Received: {settings.recipe!r}"
+        )
+    recipe = RECIPES[settings.recipe]
+    changes = {
+        name: value
+        for name, value in recipe.items()
+        if name not in ("plan", "tta", "postprocess")
+        and getattr(settings, name) is None
+        and value is not None
+    }
+    return dataclasses.replace(settings, **changes)
+
+
 def check_settings(settings: FinetuneSettings) -> None:
     """Check the value ranges and names that need no data.
 
@@ -271,9 +351,21 @@ def check_settings(settings: FinetuneSettings) -> None:
     Raises:
         FinetuneInputError: naming the flag and what was expected.
     """
+    if settings.recipe not in RECIPES:
+        raise FinetuneInputError(
+            f"Expected --recipe in {tuple(RECIPES)}. Received: {settings.recipe!r}"
+        )
+    if settings.schedule not in SCHEDULES:
+        raise FinetuneInputError(
+            f"Expected --schedule in {SCHEDULES}. Received: {settings.schedule!r}"
+        )
+    if settings.augment not in AUGMENTATIONS:
+        raise FinetuneInputError(
+            f"Expected --augment in {AUGMENTATIONS}. Received: {settings.augment!r}"
+        )
     for name, low in (("batch_size", 1), ("epochs", 1), ("patience", 0), ("workers", 1)):
         value = getattr(settings, name)
-        if value < low:
+        if value is not None and value < low:
             raise FinetuneInputError(f"Expected --{name} of at least {low}. Received: {value}")
     if not settings.lr > 0:
         raise FinetuneInputError(f"Expected --lr > 0. Received: {settings.lr}")
@@ -332,6 +424,9 @@ class DataPlan:
         train_ids, valid_ids: the cases of each side.
         info: what the config records of the data (labels, channel names, file ending,
             layout; the candidates CSV).
+        batch_size, spacing, intensity_params: as given, or planned.
+        plan, fingerprint: the `finetune_plan.Plan` and the data set's fingerprint, when the
+            recipe plans (volumes only); else None.
     """
 
     task: str
@@ -344,6 +439,11 @@ class DataPlan:
     train_ids: list[str]
     valid_ids: list[str]
     info: dict[str, Any]
+    batch_size: int = 8
+    spacing: tuple[float, float, float] | None = None
+    intensity_params: list[dict[str, Any]] | None = None
+    plan: Any = None
+    fingerprint: dict[str, Any] | None = None
 
 
 def run_paths(settings: FinetuneSettings) -> dict[str, str]:
@@ -416,7 +516,7 @@ def _array_batches(
         x,
         t,
         n_classes,
-        settings.batch_size,
+        settings.batch_size or 8,
         settings.seed,
         settings.data_format,
         training,
@@ -428,21 +528,140 @@ def _array_batches(
     )
 
 
-def _volume_data(settings: FinetuneSettings, cache: str) -> DataPlan:
-    """A folder of labelled volumes: preprocessed into the cache, patches sampled from it."""
+def device_budget() -> tuple[int, int | None]:
+    """(memory budget in bytes, the largest patch in voxels or None) for the device in use.
+
+    On a GPU the budget is 85 % of its memory (16 GiB assumed on TensorFlow, which does not
+    report it) and only memory limits the patch. On a CPU the
+    budget is half the memory available, and a patch holds at most 64 x 64 x 64 voxels: a CPU
+    runs out of time long before it runs out of memory (a step of the 8-filter U-Net on a
+    64 x 64 x 32 patch takes about a second on two cores).
+    """
+    from finetune_plan import default_memory_budget
+
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    total = None
+    try:
+        if backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                total = torch.cuda.mem_get_info()[1]
+        elif backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform == "gpu":
+                total = (device.memory_stats() or {}).get("bytes_limit")
+        else:
+            import tensorflow as tf
+
+            if tf.config.list_physical_devices("GPU"):
+                # TensorFlow reports no device size: plan for 16 GiB, the smallest common
+                # training GPU (--patch and --batch_size override the plan).
+                total = 16 * 2**30
+    except (ImportError, RuntimeError):  # no such backend or device: plan for the CPU
+        total = None
+    if total:
+        return int(total * 0.85), None
+    return default_memory_budget(), 64**3
+
+
+def plan_volumes(
+    settings: FinetuneSettings,
+    source: Any,
+    n_base: int,
+    pretrained: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """The data set's fingerprint (every case's geometry, labels and foreground intensities)
+    and the plan made from it (`finetune_plan.make_plan`), with the flags given as overrides.
+
+    Returns:
+        (the `Plan`, the fingerprint).
+
+    Raises:
+        FinetuneInputError: an override the planner refuses.
+    """
+    from finetune_cases import fingerprint_cases
+    from finetune_plan import PlanInputError, dataset_fingerprint, make_plan
+    from volume_io import intensity_mode_for
+
+    prints = fingerprint_cases(source, settings.seed, progress=bool(settings.verbose))
+    fingerprint = dataset_fingerprint(prints)
+    budget, max_voxels = device_budget()
+    modality = [intensity_mode_for(name) for name in source.channel_names]
+    modality = [m if m in ("ct", "mri") else "other" for m in modality]
+    intensity = None
+    if settings.intensity is not None:
+        intensity = default_intensity(source.channel_names, settings.intensity)
+    try:
+        plan = make_plan(
+            fingerprint,
+            modality=modality,
+            pretrained=pretrained,
+            patch=settings.patch,
+            spacing=settings.spacing,
+            batch_size=settings.batch_size,
+            intensity=intensity,
+            memory_budget_bytes=budget,
+            n_base_filters=n_base,
+            n_classes=source.n_classes,
+            dtype="mixed_bfloat16" if settings.mixed_precision else "float32",
+            max_patch_voxels=None if settings.patch is not None else max_voxels,
+        )
+    except PlanInputError as exc:
+        raise FinetuneInputError(str(exc)) from exc
+    return plan, fingerprint
+
+
+def _augment_settings(settings: FinetuneSettings, spacing: Any) -> Any:
+    """The training patches' augmentation: None (plain crops), or nnU-Net's, rotating only
+    in-plane when the slices are more than 3 times coarser than the in-plane spacing."""
+    if settings.augment != "default":
+        return None
+    from finetune_augment import AugmentSettings
+
+    if spacing is not None and max(spacing) > 3 * min(spacing):
+        return AugmentSettings.anisotropic(axis=int(np.argmax(spacing)))
+    return AugmentSettings()
+
+
+def _image_fill(intensity: list[str], params: list[dict[str, Any]] | None) -> float:
+    """The normalised value of air (outside the volume): 0 in the [0, 1] windows; the bottom of
+    the clip for "ct_foreground"; 0 (the mean) for "zscore"."""
+    mode = intensity[0]
+    if mode == "ct_foreground" and params and params[0]:
+        p = params[0]
+        return (float(p["clip"][0]) - float(p["mean"])) / max(float(p["std"]), 1e-8)
+    return 0.0
+
+
+def _volume_data(
+    settings: FinetuneSettings, cache: str, n_base: int = 32, pretrained: bool = False
+) -> DataPlan:
+    """A folder of labelled volumes: planned (default recipe), preprocessed into the cache,
+    patches sampled from it."""
     if settings.task not in (None, "segmentation"):
         raise FinetuneInputError(
             f"Expected --task segmentation for a folder of labelled volumes ({settings.data}). "
             f"Received: --task {settings.task}"
         )
-    patch = check_patch(settings.patch or (64, 64, 32))
     source = discover_segmentation(settings.data)
-    intensity = default_intensity(source.channel_names, settings.intensity)
+    plan = fingerprint = None
+    if RECIPES[settings.recipe]["plan"]:
+        plan, fingerprint = plan_volumes(settings, source, n_base, pretrained)
+        patch, spacing, bs = check_patch(plan.patch), tuple(plan.spacing), int(plan.batch_size)
+        intensity, params = list(plan.intensity), [dict(p) for p in plan.intensity_params]
+    else:
+        patch = check_patch(settings.patch or (64, 64, 32))
+        spacing = None if settings.spacing is None else tuple(settings.spacing)
+        bs = int(settings.batch_size or 8)
+        intensity, params = default_intensity(source.channel_names, settings.intensity), None
     train_ids, valid_ids = split_cases(
         [c.case_id for c in source.cases], settings.fold, settings.folds, settings.seed
     )
     prepared = prepare_cases(
-        source, cache, intensity, settings.spacing, progress=bool(settings.verbose)
+        source, cache, intensity, spacing, progress=bool(settings.verbose), intensity_params=params
     )
     by_id = {p.case_id: p for p in prepared}
     train_cases = [by_id[i] for i in train_ids]
@@ -453,15 +672,24 @@ def _volume_data(settings: FinetuneSettings, cache: str) -> DataPlan:
         )
     n_classes = source.n_classes
     common = dict(workers=settings.workers, use_multiprocessing=False, max_queue_size=10)
-    bs, seed, layout = settings.batch_size, settings.seed, settings.data_format
+    seed, layout = settings.seed, settings.data_format
+    fill = _image_fill(intensity, params)
+    steps = int(settings.steps_per_epoch or VOLUME_STEPS[0])
+    # The original's recipe validates on 50 batches; the default on as many as it trains on
+    # (at most 50), so that a short run does not spend most of its time validating.
+    valid_steps = settings.validation_steps or (
+        VOLUME_STEPS[1] if not RECIPES[settings.recipe]["plan"] else min(VOLUME_STEPS[1], steps)
+    )
     train_ds = SegmentationPatches(
         train_cases,
         patch,
         bs,
         n_classes,
-        int(settings.steps_per_epoch or VOLUME_STEPS[0]),
+        steps,
         seed,
         layout,
+        augment=_augment_settings(settings, spacing),
+        image_fill=fill,
         **common,
     )
     valid_ds = SegmentationPatches(
@@ -469,10 +697,11 @@ def _volume_data(settings: FinetuneSettings, cache: str) -> DataPlan:
         patch,
         bs,
         n_classes,
-        int(settings.validation_steps or VOLUME_STEPS[1]),
+        int(valid_steps),
         seed + 1,
         layout,
         fixed_epoch=0,
+        image_fill=fill,
         **common,
     )
     info = dict(
@@ -492,6 +721,11 @@ def _volume_data(settings: FinetuneSettings, cache: str) -> DataPlan:
         train_ids,
         valid_ids,
         info,
+        batch_size=bs,
+        spacing=spacing,
+        intensity_params=params,
+        plan=plan,
+        fingerprint=fingerprint,
     )
 
 
@@ -537,6 +771,7 @@ def _array_data(settings: FinetuneSettings) -> DataPlan:
         train_ids,
         valid_ids,
         info,
+        batch_size=settings.batch_size or 8,
     )
 
 
@@ -578,15 +813,21 @@ def _candidate_data(settings: FinetuneSettings, cache: str) -> DataPlan:
         train_ids,
         valid_ids,
         info,
+        batch_size=settings.batch_size or 8,
     )
 
 
-def discover_data(settings: FinetuneSettings, cache: str) -> DataPlan:
-    """Find, check and prepare the data set; make its datasets.
+def discover_data(
+    settings: FinetuneSettings, cache: str, n_base: int = 32, pretrained: bool = False
+) -> DataPlan:
+    """Find, check and prepare the data set (planned first, where the recipe plans); make its
+    datasets.
 
     Args:
-        settings: the run's settings.
+        settings: the run's settings, the recipe resolved (`resolve_recipe`).
         cache: the folder of preprocessed volumes.
+        n_base: the U-Net's width (the plan's memory estimate).
+        pretrained: whether training starts from pre-trained weights (the plan's intensities).
 
     Returns:
         The `DataPlan`.
@@ -596,7 +837,7 @@ def discover_data(settings: FinetuneSettings, cache: str) -> DataPlan:
     """
     layout = detect_layout(settings.data)
     if layout == "volumes":
-        return _volume_data(settings, cache)
+        return _volume_data(settings, cache, n_base, pretrained)
     if layout == "arrays":
         return _array_data(settings)
     return _candidate_data(settings, cache)
@@ -631,10 +872,11 @@ def resolved_config(
         "n_classes": int(data.n_classes),
         "n_channels": int(data.n_channels),
         "intensity": list(data.intensity),
-        "spacing": None if settings.spacing is None else [float(v) for v in settings.spacing],
+        "intensity_params": data.intensity_params,
+        "spacing": None if data.spacing is None else [float(v) for v in data.spacing],
         "n_base_filters": n_base,
         "seed": settings.seed,
-        "batch_size": settings.batch_size,
+        "batch_size": data.batch_size,
         "epochs": settings.epochs,
         "steps_per_epoch": len(data.train_ds),
         "validation_steps": len(data.valid_ds),
@@ -642,6 +884,12 @@ def resolved_config(
         "optimizer": settings.optimizer,
         "loss": settings.loss,
         "bn_momentum": settings.bn_momentum,
+        "recipe": settings.recipe,
+        "schedule": settings.schedule,
+        "augment": settings.augment,
+        # What predict does by default: mirroring and the post-processing (docs/finetuning.md).
+        "tta": RECIPES[settings.recipe]["tta"],
+        "postprocess": RECIPES[settings.recipe]["postprocess"],
         "patience": settings.patience,
         "fold": settings.fold,
         "folds": settings.folds,
@@ -669,11 +917,18 @@ def prepare(settings: FinetuneSettings) -> RunPlan:
     Raises:
         FinetuneInputError: bad input (data, flags, weights, run folder).
     """
+    settings = resolve_recipe(settings)
     check_settings(settings)
     paths = run_paths(settings)
     check_run_dir(paths, settings.resume, settings.overwrite)
     weights, file_channels, n_base = resolve_width(settings)
-    data = discover_data(settings, paths["cache"])
+    data = discover_data(settings, paths["cache"], n_base, pretrained=weights is not None)
+    if data.plan is not None:
+        from finetune_plan import format_plan_table, save_json
+
+        save_json(paths["fingerprint"], data.fingerprint)
+        save_json(paths["plan"], data.plan.to_dict())
+        print(format_plan_table(data.plan))
     if file_channels is not None and file_channels != data.n_channels:
         raise FinetuneInputError(
             f"Expected weights for {data.n_channels} input channel(s) "

@@ -45,10 +45,12 @@ import unet3d
 from finetune_cases import FinetuneInputError
 from finetune_prepare import (
     OPTIMIZERS,
+    POLY_EXPONENT,
     SEGMENTATION_LOSSES,
     FinetuneSettings,
     RunPlan,
     prepare,
+    resolve_recipe,
 )
 from genesis_callbacks import (
     AtomicBestCheckpoint,
@@ -307,6 +309,28 @@ def draw_curves(log_csv: str, png: str, metric: str) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
+def poly_learning_rate(
+    lr: float, epoch: int, epochs: int, exponent: float = POLY_EXPONENT
+) -> float:
+    """The polynomial decay: ``lr * (1 - epoch / epochs) ** exponent`` (epoch counted from 0)."""
+    return float(lr) * (1.0 - min(int(epoch), int(epochs)) / int(epochs)) ** float(exponent)
+
+
+class PolyLearningRate(keras.callbacks.Callback):
+    """Set the learning rate before each epoch to `poly_learning_rate` of the initial one.
+
+    A function of the epoch alone, so a resumed run continues the same curve.
+    """
+
+    def __init__(self, lr: float, epochs: int, exponent: float = POLY_EXPONENT) -> None:
+        super().__init__()
+        self.lr, self.epochs, self.exponent = float(lr), int(epochs), float(exponent)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        rate = poly_learning_rate(self.lr, epoch, self.epochs, self.exponent)
+        self.model.optimizer.learning_rate.assign(rate)
+
+
 class CurvesPicture(keras.callbacks.Callback):
     """After every epoch, redraw the curves from the CSV log (it must come after the logger)."""
 
@@ -387,6 +411,9 @@ def _make_callbacks(plan: RunPlan, model: keras.Model) -> list[keras.callbacks.C
         verbose=1,
         restore=None if state is None else state.reduce_lr,
     )
+    schedule: keras.callbacks.Callback = lr_cb
+    if cfg.get("schedule") == "poly":
+        schedule = PolyLearningRate(cfg["lr"], cfg["epochs"])
     metric = "dice_coef" if cfg["task"] == "segmentation" else "categorical_accuracy"
     if cfg["task"] == "segmentation" and cfg["loss"] == "bce_foreground_dice_loss":
         metric = "foreground_dice_coef"
@@ -394,7 +421,7 @@ def _make_callbacks(plan: RunPlan, model: keras.Model) -> list[keras.callbacks.C
         EpochSetter([plan.train_ds]),
         best_cb,
         early_cb,
-        lr_cb,
+        schedule,
         keras.callbacks.CSVLogger(paths["csv"], append=state is not None),
         CurvesPicture(paths["csv"], paths["curves"], metric),
         LastEpochCheckpoint(paths["last"], best_cb, early_cb, lr_cb, cfg["batch_size"], "finetune"),
@@ -437,6 +464,7 @@ def train(settings: FinetuneSettings) -> keras.callbacks.History | None:
         FinetuneInputError: bad input, found before `fit` started. Other errors are not bad
             input and keep their type.
     """
+    settings = resolve_recipe(settings)
     settings.display()
     session = setup(settings)
     if session is None:

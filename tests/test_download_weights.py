@@ -212,5 +212,9 @@ def test_trainer_weights_accept_hf_names(tmp_path, monkeypatch):
     genesis_trainer.load_weights_checked(fresh, "hf:Genesis_Chest_CT.h5")
     for a, b in zip(fresh.weights, tiny.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
-    with pytest.raises(FileNotFoundError, match=r"Genesis_Chest_CT\.pt of MrGiovanni"):
+    # A name that is not in the cache is bad input to the trainer: its one type, the cause kept.
+    with pytest.raises(
+        genesis_trainer.PretrainingInputError, match=r"Genesis_Chest_CT\.pt of MrGiovanni"
+    ) as info:
         genesis_trainer.load_weights_checked(fresh, "hf:Genesis_Chest_CT.pt")
+    assert isinstance(info.value.__cause__, FileNotFoundError)

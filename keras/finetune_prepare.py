@@ -97,7 +97,7 @@ AUGMENTATIONS = ("default", "none")
 RECIPES: dict[str, dict[str, Any]] = {
     "original": dict(
         plan=False,
-        patch=(64, 64, 32),
+        patch=None,  # 64 64 32 for volumes and candidates; pre-cut arrays have their own size
         batch_size=8,
         epochs=10000,
         lr=1e-3,
@@ -382,6 +382,8 @@ def check_settings(settings: FinetuneSettings) -> None:
             "Expected --data_format channels_first or channels_last. Received: "
             f"{settings.data_format!r}"
         )
+    if settings.patch is not None:
+        check_patch(settings.patch)
     if settings.bn_momentum is not None and not 0.0 <= settings.bn_momentum < 1.0:
         raise FinetuneInputError(
             f"Expected --bn_momentum in [0, 1). Received: {settings.bn_momentum}"

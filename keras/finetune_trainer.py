@@ -330,6 +330,12 @@ class PolyLearningRate(keras.callbacks.Callback):
         rate = poly_learning_rate(self.lr, epoch, self.epochs, self.exponent)
         self.model.optimizer.learning_rate.assign(rate)
 
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:  # the CSV log's learning_rate column, as the plateau schedule's
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
 
 class CurvesPicture(keras.callbacks.Callback):
     """After every epoch, redraw the curves from the CSV log (it must come after the logger)."""

@@ -23,7 +23,8 @@ from finetune_helpers import (
 from finetune_prepare import FinetuneSettings, prepare, weight_file_width
 from finetune_trainer import build_model
 
-TINY = ["--n_base_filters", "4", "--batch_size", "2", "--verbose", "0"]
+# The original recipe: these tests check its settings exactly (the default recipe has its own).
+TINY = ["--n_base_filters", "4", "--batch_size", "2", "--verbose", "0", "--recipe", "original"]
 
 
 def _weights(path, n_base_filters=4, channels=1):
@@ -230,6 +231,8 @@ def test_candidates_split_by_series(tmp_path):
                 "8",
                 "--batch_size",
                 "2",
+                "--recipe",
+                "original",
             ]
         )
     )

@@ -11,6 +11,7 @@ holding one only, a 2-D image, a three-component image.
 from __future__ import annotations
 
 import csv
+import locale
 import os
 import re
 import shutil
@@ -102,7 +103,13 @@ def write_dicom_series(folder: Path, array_xyz: np.ndarray, spacing=(0.7, 0.8, 2
             plane.SetMetaData(key, value)
         paths.append(folder / f"s{k:03d}.dcm")
         writer.SetFileName(str(paths[-1]))
-        writer.Execute(plane)
+        # GDCM's writer sets the process's LC_CTYPE to "C", after which Python reads text files
+        # and subprocess output as ASCII: put the locale back as it was.
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            writer.Execute(plane)
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
     return paths
 
 

@@ -34,7 +34,7 @@ from scipy import ndimage
 # fmt: off
 __all__ = [
     "AugmentInputError", "AugmentSettings", "ElasticParams", "SpatialParams", "IntensityParams",
-    "draw_spatial", "draw_intensity", "augment_patch",
+    "draw_spatial", "draw_intensity", "augment_patch", "crop_padded",
     "rotation_matrix", "elastic_displacement", "source_coordinates", "sample_patch", "mirror",
     "augment_intensity", "add_gaussian_noise", "gaussian_blur", "adjust_brightness",
     "adjust_contrast", "simulate_low_resolution", "adjust_gamma",
@@ -457,8 +457,20 @@ def source_coordinates(
     return coords
 
 
-def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
-    """The block of `array`'s last three axes from `start` of `size`; outside the array `fill`."""
+def crop_padded(
+    array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0
+) -> np.ndarray:
+    """The block of `array`'s last three axes from `start` of `size`; outside it, `fill`.
+
+    Args:
+        array: (..., X, Y, Z), e.g. a memory-mapped volume.
+        start: the first voxel (may be negative or run past the end: padded).
+        size: the block's (R, C, D).
+        fill: the value outside the volume.
+
+    Returns:
+        A new array (..., R, C, D) of `array`'s dtype.
+    """
     out = np.full(array.shape[:-3] + tuple(size), fill, dtype=array.dtype)
     src, dst = [], []
     for s, n, total in zip(start, size, array.shape[-3:], strict=True):
@@ -554,8 +566,8 @@ def sample_patch(
     dtype = image.dtype if np.issubdtype(image.dtype, np.floating) else np.dtype(np.float32)
     if not params.moves_grid and all(float(c).is_integer() for c in centre):
         start = [int(c) - p // 2 for c, p in zip(centre, patch, strict=True)]
-        out = _crop(image, start, patch, image_fill).astype(dtype, copy=False)
-        lab = None if label is None else _crop(label, start, patch, 0)
+        out = crop_padded(image, start, patch, image_fill).astype(dtype, copy=False)
+        lab = None if label is None else crop_padded(label, start, patch, 0)
     else:
         coords = source_coordinates(centre, patch, params)
         out = _resample(image, coords, order, image_fill, dtype)

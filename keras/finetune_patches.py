@@ -23,7 +23,9 @@ import keras
 import numpy as np
 
 import unet3d
-from finetune_augment import AugmentSettings, augment_patch
+
+# crop_padded lives with the augmentation's crops (one implementation); it is named here too.
+from finetune_augment import AugmentSettings, augment_patch, crop_padded
 from finetune_cases import FinetuneInputError, PreparedCase
 
 __all__ = [
@@ -68,33 +70,6 @@ def check_patch(patch: Sequence[int]) -> tuple[int, int, int]:
                 f"{axis}={size}; the nearest valid sizes are {nearest}."
             )
     return patch
-
-
-def crop_padded(
-    array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0
-) -> np.ndarray:
-    """The block of `array`'s last three axes from `start` of `size`; outside it, `fill`.
-
-    Args:
-        array: (..., X, Y, Z), e.g. a memory-mapped volume.
-        start: the first voxel (may be negative or run past the end: padded).
-        size: the block's (R, C, D).
-        fill: the value outside the volume.
-
-    Returns:
-        A new array (..., R, C, D) of `array`'s dtype.
-    """
-    lead = array.shape[:-3]
-    out = np.full(lead + tuple(size), fill, dtype=array.dtype)
-    src, dst = [], []
-    for s, n, total in zip(start, size, array.shape[-3:], strict=True):
-        lo, hi = max(0, s), min(total, s + n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[(Ellipsis, *dst)] = array[(Ellipsis, *src)]
-    return out
 
 
 def one_hot(label: np.ndarray, n_classes: int, channel_axis: int) -> np.ndarray:

@@ -427,6 +427,21 @@ def _read_dicom_series(folder: str) -> sitk.Image:
 # Reading
 
 
+def _check_scalar_3d(components: int, size: Sequence[int], path: str) -> None:
+    # One value per voxel and three axes: what every reader here returns.
+    if components != 1:
+        raise VolumeError(
+            "Expected one value per voxel (a scalar volume; one file per channel). "
+            f"Received: {components} components",
+            path,
+        )
+    if len(size) != 3:
+        raise VolumeError(
+            f"Expected a 3-D volume. Received: {len(size)}-D image of size {tuple(size)}",
+            path,
+        )
+
+
 def read_image(path: str | os.PathLike, *, values: str = "voxel values") -> sitk.Image:
     """Read one volume, checked: a file in any format SimpleITK reads, or a DICOM series folder.
 
@@ -469,18 +484,7 @@ def read_image(path: str | os.PathLike, *, values: str = "voxel values") -> sitk
         raise VolumeError(f"cannot read: {_itk_reason(exc)}", path) from None
     except OSError as exc:  # e.g. a file that cannot be opened
         raise VolumeError(f"cannot read: {exc}", path) from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeError(
-            "Expected one value per voxel (a scalar volume; one file per channel). "
-            f"Received: {image.GetNumberOfComponentsPerPixel()} components",
-            path,
-        )
-    if image.GetDimension() != 3:
-        raise VolumeError(
-            "Expected a 3-D volume. "
-            f"Received: {image.GetDimension()}-D image of size {image.GetSize()}",
-            path,
-        )
+    _check_scalar_3d(image.GetNumberOfComponentsPerPixel(), image.GetSize(), path)
     if not scanned:
         view = sitk.GetArrayViewFromImage(image)
         if not np.issubdtype(view.dtype, np.integer):
@@ -540,18 +544,7 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise VolumeError(f"cannot read: {_itk_reason(exc)}", path) from None
-    if reader.GetNumberOfComponents() != 1:
-        raise VolumeError(
-            "Expected one value per voxel (a scalar volume; one file per channel). "
-            f"Received: {reader.GetNumberOfComponents()} components",
-            path,
-        )
-    if reader.GetDimension() != 3:
-        raise VolumeError(
-            f"Expected a 3-D volume. Received: {reader.GetDimension()}-D image of size "
-            f"{reader.GetSize()}",
-            path,
-        )
+    _check_scalar_3d(reader.GetNumberOfComponents(), reader.GetSize(), path)
     return Geometry(
         size=tuple(int(v) for v in reader.GetSize()),
         spacing=tuple(float(v) for v in reader.GetSpacing()),

@@ -54,7 +54,9 @@ LABELLED="$OUT/labelled"
 RUN="$OUT/finetune_run"
 echo "== Step 5: finetune.py train + predict + evaluate on a tiny labelled set -> $RUN"
 "$PY" datasets/make_demo_labelled.py --out "$LABELLED" --cases 6 --seed 0
-# A demo rerun starts its run afresh (--overwrite); real runs continue with --resume.
+# A demo rerun starts its run afresh (--overwrite); real runs continue with --resume. The
+# default recipe plans the spacing and intensities from the labelled set's fingerprint
+# (printed, and saved as plan.json); the flags fix only the patch and a tiny budget.
 "$PY" keras/finetune.py train --data "$LABELLED" --output "$RUN" --overwrite \
     --weights "$WEIGHTS/Vnet-genesis_chest_ct.h5" --patch 32 32 16 --batch_size 2 \
     --epochs 1 --steps_per_epoch 4 --validation_steps 1 --verbose 2

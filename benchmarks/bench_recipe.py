@@ -3,7 +3,8 @@
 
 The cases are split into K folds (a seeded permutation). For each fold and each arm, the
 arm's `finetune.py train` runs on the other folds' cases (its own validation split comes out of
-those), `finetune.py predict` segments the fold's cases with and without mirroring, and the
+those), `finetune.py predict` segments the fold's cases (also with mirroring for the arms named by
+--mirrored), and the
 per-case Dice is computed here, with and without keeping only the largest connected tumour.
 Beside the arms, the same held-out cases are scored by two centred ellipsoids sized from the
 training folds' masks (benchmarks/centred_prior.py), which look at no voxel.
@@ -14,7 +15,7 @@ CPU budget of docs/finetuning.md's sts_ct example). Arms:
 
 * default: the project's default recipe (plan, augmentation, loss, schedule);
 * original: `--recipe original` (the original's settings; channels-last only for speed, the
-  same arithmetic), predicted without mirroring only;
+  same arithmetic);
 * further arms with `--arm NAME='FLAGS'`.
 
 Each (arm, fold) keeps its outputs in --out and is skipped on a rerun when done with the same
@@ -67,8 +68,6 @@ ARMS = {
     "default": [],
     "original": ["--recipe", "original", "--data_format", "channels_last"],
 }
-# Predicting with mirroring costs 8 times the model's time: measured where the recipe uses it.
-MIRRORED = {"default"}
 
 
 def log(msg: str) -> None:
@@ -150,7 +149,9 @@ def one_run(
     py: str,
 ) -> dict:
     folder = out / arm / f"fold{fold}"
-    digest = hashlib.sha256(json.dumps([flags, budget, train, test, seed]).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps([flags, budget, train, test, seed, mirrored]).encode()
+    ).hexdigest()
     result_path = folder / "result.json"
     if result_path.exists() and json.loads(result_path.read_text()).get("digest") == digest:
         log(f"{arm} fold {fold}: kept")
@@ -179,7 +180,7 @@ def one_run(
         folder / "train.log",
     )
     scores, seconds = {}, {"train": round(t_train, 1)}
-    for tta in ("off", "on") if arm in MIRRORED else ("off",):
+    for tta in ("off", "on") if mirrored else ("off",):
         pred = folder / f"pred_tta_{tta}"
         seconds[f"predict_tta_{tta}"] = round(
             run(
@@ -309,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         help="another arm: its train flags",
     )
     parser.add_argument("--tiny", action="store_true", help="a smoke test: 2 folds of 3 cases")
+    parser.add_argument(
+        "--mirrored",
+        nargs="*",
+        default=[],
+        metavar="ARM",
+        help="arms also predicted with mirroring (8 times the model's time)",
+    )
     args = parser.parse_args(argv)
     if not STS.is_dir():
         raise SystemExit(f"Expected the sts_ct data set at {STS} (see ../shared/data/README.md).")

@@ -147,7 +147,9 @@ def one_run(
     budget: list,
     seed: int,
     py: str,
+    mirrored: bool = False,
 ) -> dict:
+    """Train one arm on one fold's training cases, predict and score its test cases."""
     folder = out / arm / f"fold{fold}"
     digest = hashlib.sha256(
         json.dumps([flags, budget, train, test, seed, mirrored]).encode()
@@ -345,7 +347,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         for arm, flags in arms.items():
             results.append(
-                one_run(args.out, arm, flags, f, train, test, budget, args.seed, sys.executable)
+                one_run(
+                    args.out,
+                    arm,
+                    flags,
+                    f,
+                    train,
+                    test,
+                    budget,
+                    args.seed,
+                    sys.executable,
+                    arm in args.mirrored,
+                )
             )
     rows = summary_rows(results, priors)
     print(table(rows))

@@ -136,7 +136,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="tensor layout; both load the same weights (default: channels_last, several times "
         "faster on a CPU; original recipe: channels_first)",
     )
-    m.add_argument("--mixed_precision", action="store_true", help="mixed bfloat16 (GPUs)")
+    m.add_argument(
+        "--mixed_precision",
+        action="store_true",
+        help="mixed bfloat16: faster on GPUs and on CPUs with bfloat16 units (docs/finetuning.md)",
+    )
     t = parser.add_argument_group("training")
     t.add_argument(
         "--recipe",

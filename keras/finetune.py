@@ -41,8 +41,8 @@ training_log.csv and curves.png."""
 
 TRAIN_EPILOG = """\
 example (36 sarcoma CTs from scratch on a CPU, planned for a 64x64x32 patch):
-  python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts-cpu \
-      --weights none --n_base_filters 8 --batch_size 2 --epochs 64 --steps_per_epoch 8 \
+  python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts-cpu \\
+      --weights none --n_base_filters 8 --batch_size 2 --epochs 64 --steps_per_epoch 8 \\
       --patch 64 64 32
 pre-trained weights, then a rerun after a crash:
   python keras/finetune.py train --data ../shared/data/sts_ct --output runs/sts \\

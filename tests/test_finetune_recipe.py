@@ -151,9 +151,7 @@ def test_default_recipe_trains_and_predict_follows_the_plan(tmp_path, monkeypatc
     )
     assert seen["modes"] == [("ct_foreground", plan["intensity_params"][0])]
     assert seen["mirror"] == [(0, 1, 2)]
-    assert json.loads((run / "finetune_config.json").read_text())["postprocess"] == (
-        "largest_component"
-    )
+    assert json.loads((run / "finetune_config.json").read_text())["postprocess"] == "none"
     written = volume_io.read_geometry(out / "case_000.nii.gz")
     assert not written.differences(volume_io.read_geometry(image))  # back on the input's grid
     # Mirroring off, one flag away.

@@ -113,27 +113,17 @@ def case_folder(dst: Path, cases: list[str]) -> Path:
     return dst
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Only the largest 26-connected piece of a boolean mask (empty stays empty)."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 def score_folder(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, float]]:
     """Per case, the tumour Dice of the prediction as written, and of its largest piece."""
     import volume_io
+    from finetune_predict import keep_largest_component
 
     out: dict[str, dict[str, float]] = {"raw": {}, "largest": {}}
     for case in cases:
         truth = volume_io.image_to_array(volume_io.read_image(STS / "labelsTr" / f"{case}.nii.gz"))
         pred = volume_io.image_to_array(volume_io.read_image(pred_dir / f"{case}.nii.gz"))
         out["raw"][case] = centred_prior.dice(pred > 0, truth > 0)
-        out["largest"][case] = centred_prior.dice(largest_component(pred > 0), truth > 0)
+        out["largest"][case] = centred_prior.dice(keep_largest_component(pred) > 0, truth > 0)
     return out
 
 

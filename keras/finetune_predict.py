@@ -509,7 +509,7 @@ def predict_case(
         batch_size=batch_size,
         gaussian=gaussian,
         mirror_axes=(0, 1, 2) if tta else (),
-        fill=_background_value(modes[0], params[0]),
+        fill=vio.background_value(modes[0], params[0]),
     )
     values = class_values(config)
     index = np.argmax(probs, axis=0)
@@ -533,13 +533,6 @@ def predict_case(
             ]
         )
     return labels, probs, geometry
-
-
-def _background_value(mode: str, params: dict[str, Any] | None) -> float:
-    # What air normalises to: the padding of a volume smaller than the patch (as in training).
-    if mode == "ct_foreground" and params:
-        return (float(params["clip"][0]) - float(params["mean"])) / max(float(params["std"]), 1e-8)
-    return 0.0
 
 
 def _label_dtype(values: np.ndarray) -> np.dtype:

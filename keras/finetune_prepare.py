@@ -41,6 +41,7 @@ from finetune_cases import (
 )
 from finetune_patches import SegmentationPatches, check_patch
 from genesis_checkpoint import RunState, read_checkpoint_state
+from volume_io import background_value
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -630,16 +631,6 @@ def _augment_settings(settings: FinetuneSettings, spacing: Any) -> Any:
     return AugmentSettings()
 
 
-def _image_fill(intensity: list[str], params: list[dict[str, Any]] | None) -> float:
-    """The normalised value of air (outside the volume): 0 in the [0, 1] windows; the bottom of
-    the clip for "ct_foreground"; 0 (the mean) for "zscore"."""
-    mode = intensity[0]
-    if mode == "ct_foreground" and params and params[0]:
-        p = params[0]
-        return (float(p["clip"][0]) - float(p["mean"])) / max(float(p["std"]), 1e-8)
-    return 0.0
-
-
 def _volume_data(
     settings: FinetuneSettings, cache: str, n_base: int = 32, pretrained: bool = False
 ) -> DataPlan:
@@ -677,7 +668,7 @@ def _volume_data(
     n_classes = source.n_classes
     common = dict(workers=settings.workers, use_multiprocessing=False, max_queue_size=10)
     seed, layout = settings.seed, settings.data_format
-    fill = _image_fill(intensity, params)
+    fill = background_value(intensity[0], params[0] if params else None)
     steps = int(settings.steps_per_epoch or VOLUME_STEPS[0])
     # The original's recipe validates on 50 batches; the default on as many as it trains on
     # (at most 50), so that a short run does not spend most of its time validating.

@@ -44,6 +44,7 @@ __all__ = [
     "Geometry",
     "VolumeError",
     "array_to_image",
+    "background_value",
     "image_to_array",
     "intensity_mode_for",
     "normalise_intensity",
@@ -856,6 +857,14 @@ def normalise_window(
     out -= low
     out /= high - low
     return out
+
+
+def background_value(mode: str, params: dict[str, Any] | None = None) -> float:
+    """What air (outside a volume) normalises to in `mode`: 0 in the [0, 1] windows and for
+    "zscore" (the mean); the bottom of the clip, standardised, for "ct_foreground"."""
+    if mode == "ct_foreground" and params:
+        return (float(params["clip"][0]) - float(params["mean"])) / max(float(params["std"]), 1e-8)
+    return 0.0
 
 
 def normalise_intensity(

@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "keras"))
-from common import save_figure, write_json  # noqa: E402
+from common import case_folder, save_figure, write_json  # noqa: E402
 
 import centred_prior  # noqa: E402
 
@@ -95,22 +95,6 @@ def folds_of(cases: list[str], k: int, seed: int) -> list[list[str]]:
     """K folds of a seeded permutation of the cases, each sorted."""
     order = np.random.default_rng(seed).permutation(len(cases))
     return [sorted(cases[i] for i in order[f::k]) for f in range(k)]
-
-
-def case_folder(dst: Path, cases: list[str]) -> Path:
-    """An nnU-Net-layout folder of the given cases (symbolic links) and its dataset.json."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    (dst / "imagesTr").mkdir(parents=True)
-    (dst / "labelsTr").mkdir()
-    for case in cases:
-        name = f"{case}_0000.nii.gz"
-        (dst / "imagesTr" / name).symlink_to(STS / "imagesTr" / name)
-        (dst / "labelsTr" / f"{case}.nii.gz").symlink_to(STS / "labelsTr" / f"{case}.nii.gz")
-    meta = json.loads((STS / "dataset.json").read_text())
-    meta["numTraining"] = len(cases)
-    (dst / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return dst
 
 
 def score_folder(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, float]]:

@@ -1,33 +1,42 @@
 #!/usr/bin/env python
-"""Models Genesis against training from scratch, on real CT, in one command.
+"""Models Genesis against training from scratch, under the default fine-tuning recipe.
 
-1. Extract: cut 64x64x32 cubes out of the two real chest CTs in ../shared/data with
-   `infinite_generator_3D.py`: the LIDC scan's cubes for training, the other patient's held out.
-2. Pre-train: `keras/Genesis_Chest_CT.py` on the training cubes for a fixed budget; the
-   restoration loss on the held-out cubes is recorded each epoch (the trainer's CSV).
-3. Fine-tune: `keras/finetune.py train` on ../shared/data/sts_ct (36 sarcoma CTs with tumour
-   masks), from the step-2 weights and from scratch, everything else equal: the same held-out
-   test cases, label budgets (numbers of labelled training cases), seeds and step budget.
-4. Score: `finetune.py predict` and `evaluate` on the held-out test cases (Dice per case).
-5. Report: a JSON of every run (settings, per-case Dice, times), a table on stdout, and a PNG
-   (Dice against the number of labelled cases, one line per initialisation, the spread over
-   seeds; and the pre-training loss curve).
+1. Extract: cut cubes (`infinite_generator_3D.py --input ... --preset ct`) out of every unlabelled
+   CT at hand: the two chest CTs in ../shared/data and the sts_ct images that are not test cases
+   (their labels unused), resampled to the spacing the fine-tuning plan chooses for sts_ct, so
+   that pre-training and fine-tuning see the same voxel size. No test image is seen.
+2. Pre-train: `keras/Genesis_Chest_CT.py --train_files ... --valid_fraction` (a fifth of the
+   volumes held out for the restoration loss, recorded each epoch).
+3. Fine-tune: `keras/finetune.py train` on sts_ct (36 sarcoma CTs with tumour masks), everything
+   else equal: the same held-out test cases, label budgets, seeds and step budget. Arms:
+   `genesis` (the step-2 weights, default recipe), `scratch` (default recipe) and
+   `genesis_original` (the step-2 weights, `--recipe original`: the paper's setting) at the
+   budgets in `original_budgets`.
+4. Score: `finetune.py predict` and `evaluate` on the held-out test cases (Dice per case); the
+   same cases are scored by two centred ellipsoids sized from each budget's training masks,
+   which look at no voxel (benchmarks/centred_prior.py).
+5. Report: a JSON of every run, tables on stdout (mean and spread per cell; paired differences
+   with 95 % bootstrap intervals over test cases and seeds) and a PNG.
+
+`--pretrained FILE` (or `hf:Genesis_Chest_CT.h5`, the published weights, fetched once) skips
+steps 1 and 2: the Genesis arms start from that file and scratch takes its width.
 
 Every stage keeps its outputs in --out and is skipped on a rerun when its outputs exist with the
 same settings, so an interrupted benchmark continues where it stopped. A variant changes one
 setting and reuses what it shares with an earlier run (benchmarks/HISTORY.md lists those measured).
 
-Scales: `--scale cpu` (default; a U-Net with 8 base filters, about half an hour on a 2-core
+Scales: `--scale cpu` (default; a U-Net with 8 base filters, under two hours on a 2-core
 machine) and `--scale gpu` (the published 32-filter network, longer budgets). `--tiny` shrinks
 either to a smoke test of a few minutes on the CPU.
 
 Example:
     .venv/bin/python benchmarks/bench_transfer.py                       # CPU scale
-    .venv/bin/python benchmarks/bench_transfer.py --scale gpu           # on a GPU machine
+    .venv/bin/python benchmarks/bench_transfer.py --scale gpu \\
+        --pretrained hf:Genesis_Chest_CT.h5                             # the published weights
     .venv/bin/python benchmarks/bench_transfer.py --scale gpu --tiny    # smoke test of it
-    .venv/bin/python benchmarks/bench_transfer.py --out benchmarks/results/exp_freeze \
-        --reuse benchmarks/results/transfer_cpu --inits genesis --budgets 7 \
-        --set freeze_encoder=true                                       # one variant
+    .venv/bin/python benchmarks/bench_transfer.py --out benchmarks/results/exp_lr \\
+        --reuse benchmarks/results/transfer_cpu --arms genesis --budgets 7 \\
+        --set pretrain_lr=1.0                                           # one variant
 """
 
 from __future__ import annotations
@@ -48,12 +57,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import save_figure, write_json, write_text  # noqa: E402  (benchmarks/ is not a package)
+from common import case_folder, save_figure, write_json, write_text  # noqa: E402  (benchmarks/ is not a package)
 
 SHARED = ROOT.parent / "shared" / "data"
 CHEST_CTS = ("chest_ct_512x512x141.nii.gz", "chest_ct_lidc0314_512x512x275.nii.gz")
+# Arm -> (initialisation, fine-tuning recipe). The order is the tables' and the plot's.
+ARMS = {
+    "genesis": ("genesis", "default"),
+    "scratch": ("scratch", "default"),
+    "genesis_original": ("genesis", "original"),
+}
 INITS = ("genesis", "scratch")
 
 
@@ -63,63 +80,68 @@ class Settings:
 
     scale: str = "cpu"
     tiny: bool = False
-    # Stage 1: cubes cut from each chest CT (one scan for training, the other held out).
-    train_scale: int = 192
-    # Stage 2: pre-training.
+    # Held-out test cases of sts_ct (a seeded permutation); never seen in pre-training.
+    test_cases: int = 8
+    split_seed: int = 0
+    # Stage 1: cubes per volume, cut from the chest CTs and the non-test sts_ct images.
+    train_scale: int = 32
+    # Stage 2: pre-training; a fifth of the volumes validate.
     n_base_filters: int = 8
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 16
     pretrain_steps: int = 32
     pretrain_validation_steps: int = 8
     pretrain_batch_size: int = 4
     pretrain_lr: float = 0.1
-    # Stage 3: fine-tuning.
-    test_cases: int = 8
+    pretrain_valid_fraction: float = 0.2
+    # Stage 3: fine-tuning. The recipe plans spacing and intensities; the patch, batch and
+    # step budget are fixed here so that every arm gets the same compute.
     budgets: list[int] = field(default_factory=lambda: [7, 28])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    finetune_epochs: int = 16
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    original_budgets: list[int] = field(default_factory=lambda: [7])
+    patch: list[int] = field(default_factory=lambda: [64, 64, 32])
+    finetune_epochs: int = 20
     finetune_steps: int = 8
     finetune_batch_size: int = 2
-    finetune_lr: float = 1e-3
-    finetune_patience: int = 8
-    finetune_validation_steps: int = 8
-    # The Dice of the original's dice_coef_loss (and of bce_dice_loss) counts the background
-    # channel too: an all-background output scores 1 - f on patches with foreground fraction f,
-    # and most short runs ended there (tumour Dice 0). This loss's Dice is the tumour's alone.
-    finetune_loss: str = "bce_foreground_dice_loss"
-    # Keras' 0.99 leaves the inference statistics far behind the weights after ~100 steps.
-    bn_momentum: float = 0.9
-    # Channels-last: TensorFlow's CPU convolutions are many times slower channels-first.
-    data_format: str = "channels_last"
+    # Mirroring at prediction costs 8 forward passes a window; both arms are scored alike.
+    tta: str = "off"
     overlap: float = 0.25
-    split_seed: int = 0
     # Fine-tune only the decoder and head of the Genesis runs (scratch runs train everything).
     freeze_encoder: bool = False
+    bootstrap: int = 10000
 
     @classmethod
     def for_scale(cls, scale: str, tiny: bool) -> Settings:
         s = cls(scale=scale, tiny=tiny)
         if scale == "gpu":
-            s.train_scale = 1024
+            s.train_scale = 64
             s.n_base_filters = 32
             s.pretrain_epochs, s.pretrain_steps, s.pretrain_validation_steps = 40, 100, 20
             s.pretrain_batch_size = 16
-            s.finetune_epochs, s.finetune_steps, s.finetune_batch_size = 40, 25, 8
+            s.finetune_epochs, s.finetune_steps, s.finetune_batch_size = 100, 25, 8
+            s.tta = "on"
             s.overlap = 0.5
         if tiny:
-            s.train_scale = 8
+            s.test_cases = 2
+            s.train_scale = 2
             s.n_base_filters = 2
             s.pretrain_epochs, s.pretrain_steps, s.pretrain_validation_steps = 2, 2, 1
             s.pretrain_batch_size = 2
-            s.test_cases = 2
             s.budgets = [2, 4]
+            s.original_budgets = [2]
             s.seeds = [0]  # a smoke test: every stage once per cell
+            s.patch = [32, 32, 16]
             s.finetune_epochs, s.finetune_steps, s.finetune_batch_size = 1, 2, 2
+            s.tta = "off"
             s.overlap = 0.0
+            s.bootstrap = 200
         return s
 
-    def digest(self, *names: str) -> str:
-        """A short hash of the named settings: a stage's outputs are reused only when equal."""
+    def digest(self, *names: str, extra: Any = None) -> str:
+        """A short hash of the named settings (and `extra`): a stage's outputs are reused only
+        when equal."""
         values = {n: getattr(self, n) for n in names}
+        if extra is not None:
+            values["extra"] = extra
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -193,57 +215,117 @@ def stage_seconds(folder: Path) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def extract(s: Settings, out: Path, py: str, times: dict, reuse: Path | None = None) -> Path:
-    """Cubes: fold 0 from the LIDC chest CT (training), fold 1 from the other patient (held out)."""
+def planned_spacing(s: Settings, out: Path, train: list[str]) -> list[float]:
+    """The spacing `finetune.py train`'s plan chooses for the training cases with the
+    benchmark's patch, starting from pre-trained weights (`finetune_plan.make_plan` on their
+    fingerprint); kept in `out`/planned_spacing.json."""
+    path = out / "planned_spacing.json"
+    digest = s.digest("test_cases", "split_seed", "patch", "n_base_filters")
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("digest") == digest:
+            return kept["spacing"]
+    from finetune_cases import discover_segmentation, fingerprint_cases
+    from finetune_plan import dataset_fingerprint, make_plan
+
+    source = discover_segmentation(str(case_folder(out / "train_cases", train)))
+    fingerprint = dataset_fingerprint(fingerprint_cases(source, 0, progress=False))
+    plan = make_plan(
+        fingerprint,
+        modality="ct",
+        pretrained=True,
+        patch=s.patch,
+        batch_size=s.finetune_batch_size,
+        n_base_filters=s.n_base_filters,
+        n_classes=source.n_classes,
+    )
+    spacing = [round(float(v), 4) for v in plan.spacing]
+    write_json(path, {"digest": digest, "spacing": spacing, "cases": len(train)})
+    return spacing
+
+
+def extract(
+    s: Settings,
+    out: Path,
+    py: str,
+    train: list[str],
+    spacing: list[float],
+    times: dict,
+    reuse: Path | None = None,
+) -> Path:
+    """Cubes of every unlabelled CT at hand but the test cases: the two chest CTs and the
+    training cases' images, at `spacing`. Returns the cube file (its CSV beside it)."""
     folder = out / "cubes"
-    digest = s.digest("train_scale")
+    digest = s.digest("train_scale", "test_cases", "split_seed", extra=spacing)
+    cubes = folder / "pretrain_cubes.npy"
     if borrow_stage(folder, reuse, digest):
         log(f"extraction: kept {folder}")
         times["extract_s"] = stage_seconds(folder)
-        return folder
+        return cubes
     clear_stage(folder)
-    (folder / "volumes").mkdir(parents=True)
-    t = 0.0
-    # The trainer reads one scale for every fold: the held-out fold is cut at the same scale and
-    # --validation_steps bounds how many of its cubes are used.
-    for fold, name in enumerate((CHEST_CTS[1], CHEST_CTS[0])):
-        sub = folder / "volumes" / f"subset{fold}"
-        sub.mkdir()
-        (sub / name).symlink_to(SHARED / name)
-        t += run(
-            [
-                py,
-                ROOT / "infinite_generator_3D.py",
-                "--fold",
-                fold,
-                "--scale",
-                s.train_scale,
-                "--data",
-                folder / "volumes",
-                "--save",
-                folder,
-                "--no-progress",
-            ],
-            folder / f"extract_{fold}.log",
-        )
+    volumes = folder / "volumes"
+    volumes.mkdir(parents=True)
+    for name in CHEST_CTS:
+        (volumes / name).symlink_to(SHARED / name)
+    for case in train:
+        name = f"{case}_0000.nii.gz"
+        (volumes / name).symlink_to(SHARED / "sts_ct" / "imagesTr" / name)
+    t = run(
+        [
+            py,
+            ROOT / "infinite_generator_3D.py",
+            "--input",
+            volumes,
+            "--output",
+            cubes,
+            "--preset",
+            "ct",
+            "--spacing",
+            *spacing,
+            "--scale",
+            s.train_scale,
+            "--input_deps",
+            s.patch[2],
+            "--input_rows",
+            s.patch[0],
+            "--input_cols",
+            s.patch[1],
+            "--crop_rows",
+            s.patch[0],
+            "--crop_cols",
+            s.patch[1],
+            "--no-progress",
+        ],
+        folder / "extract.log",
+    )
     times["extract_s"] = round(t, 1)
     mark_done(folder, digest, t)
-    return folder
+    return cubes
 
 
 def pretrain(
-    s: Settings, out: Path, py: str, cubes: Path, times: dict, reuse: Path | None = None
+    s: Settings,
+    out: Path,
+    py: str,
+    cubes: Path,
+    times: dict,
+    reuse: Path | None = None,
 ) -> tuple[Path, list[dict]]:
-    """Pre-train on fold 0; validate on the held-out fold 1. Returns the weights and CSV rows."""
+    """Pre-train on the cube file, a fifth of its volumes held out. Returns the weights and the
+    trainer's CSV rows."""
     folder = out / "pretrain"
     digest = s.digest(
         "train_scale",
+        "test_cases",
+        "split_seed",
         "n_base_filters",
         "pretrain_epochs",
         "pretrain_steps",
         "pretrain_validation_steps",
         "pretrain_batch_size",
         "pretrain_lr",
+        "pretrain_valid_fraction",
+        extra=stage_digest(out / "cubes"),
     )
     weights = folder / "Vnet-genesis_chest_ct.h5"
     if not borrow_stage(folder, reuse, digest):
@@ -254,14 +336,18 @@ def pretrain(
                 [
                     py,
                     ROOT / "keras" / "Genesis_Chest_CT.py",
-                    "--data",
+                    "--train_files",
                     cubes,
-                    "--train_fold",
-                    "0",
-                    "--valid_fold",
-                    "1",
+                    "--valid_fraction",
+                    s.pretrain_valid_fraction,
                     "--scale",
                     s.train_scale,
+                    "--input_rows",
+                    s.patch[0],
+                    "--input_cols",
+                    s.patch[1],
+                    "--input_deps",
+                    s.patch[2],
                     "--n_base_filters",
                     s.n_base_filters,
                     "--nb_epoch",
@@ -302,7 +388,35 @@ def pretrain(
     return weights, rows
 
 
-def identity_losses(cubes: Path, pretrain_dir: Path, epochs: int) -> list[float]:
+def stage_digest(folder: Path) -> str | None:
+    """The settings digest a done stage was stamped with (None when not done)."""
+    stamp = folder / "stage.done"
+    return stamp.read_text().strip() if stamp.exists() else None
+
+
+def resolve_pretrained(spec: str) -> tuple[str, int]:
+    """The weight file `--pretrained` names (a path, or ``hf:FILE`` fetched through the
+    Hugging Face cache) and its number of base filters.
+
+    Raises:
+        SystemExit: no such file, an ``hf:`` name that cannot be fetched, or not U-Net weights.
+    """
+    from finetune_cases import FinetuneInputError
+    from finetune_prepare import resolve_weights, weight_file_width
+
+    try:
+        path = resolve_weights(spec)
+        if path is None:
+            raise FinetuneInputError(
+                f"Expected a weight file or hf:FILE for --pretrained. Received: {spec!r}"
+            )
+        _, width = weight_file_width(path)
+    except FinetuneInputError as exc:
+        raise SystemExit(f"error: --pretrained: {exc}") from None
+    return path, width
+
+
+def identity_losses(pretrain_dir: Path, epochs: int) -> list[float]:
     """The MSE of the corrupted held-out cubes against their originals, per pre-training epoch:
     the loss of a network that returns its input unchanged, on the very pairs the trainer
     scored (its own validation dataset, rebuilt from the run's saved configuration).
@@ -324,7 +438,7 @@ def identity_losses(cubes: Path, pretrain_dir: Path, epochs: int) -> list[float]
     values = []
     with tempfile.TemporaryDirectory() as tmp:
         config = models_genesis_config.from_dict(
-            {**saved, "data": str(cubes), "model_path": tmp, "logs_path": tmp, "resume": False}
+            {**saved, "model_path": tmp, "logs_path": tmp, "resume": False}
         )
         config.workers = 1
         _, valid = make_datasets(config, prepare(config))
@@ -353,24 +467,6 @@ def split_cases(s: Settings, out: Path) -> tuple[list[str], list[str]]:
     return test, train
 
 
-def case_folder(dst: Path, cases: list[str]) -> Path:
-    """An nnU-Net-layout folder of the given sts_ct cases (symbolic links) and its dataset.json."""
-    src = SHARED / "sts_ct"
-    if dst.exists():
-        shutil.rmtree(dst)
-    (dst / "imagesTr").mkdir(parents=True)
-    (dst / "labelsTr").mkdir()
-    for case in cases:
-        (dst / "imagesTr" / f"{case}_0000.nii.gz").symlink_to(
-            src / "imagesTr" / f"{case}_0000.nii.gz"
-        )
-        (dst / "labelsTr" / f"{case}.nii.gz").symlink_to(src / "labelsTr" / f"{case}.nii.gz")
-    meta = json.loads((src / "dataset.json").read_text())
-    meta["numTraining"] = len(cases)
-    write_text(dst / "dataset.json", json.dumps(meta, indent=2))
-    return dst
-
-
 def per_case_dice(report_path: Path) -> dict[str, float]:
     """Foreground Dice per case (the mean over foreground classes) from `finetune.py evaluate`'s
     JSON report, whose "cases" list has one entry per case and class."""
@@ -385,36 +481,30 @@ def finetune_one(
     s: Settings,
     out: Path,
     py: str,
-    init: str,
+    arm: str,
     budget: int,
     seed: int,
-    weights: Path,
+    weights: Path | str,
+    width: int,
     train_cases: list[str],
     test_dir: Path,
 ) -> dict:
-    name = f"{init}_n{budget:02d}_seed{seed}"
+    """Train, predict and evaluate one (arm, budget, seed) run; kept when done."""
+    init, recipe = ARMS[arm]
+    name = f"{arm}_n{budget:02d}_seed{seed}"
     folder = out / "finetune" / name
     digest = s.digest(
-        "n_base_filters",
+        "patch",
         "finetune_epochs",
         "finetune_steps",
         "finetune_batch_size",
-        "finetune_lr",
-        "finetune_patience",
-        "finetune_validation_steps",
-        "finetune_loss",
-        "bn_momentum",
-        "data_format",
+        "tta",
         "overlap",
         "test_cases",
         "split_seed",
-        *(
-            ("train_scale", "pretrain_epochs", "pretrain_steps", "pretrain_lr")
-            if init == "genesis"
-            else ()
-        ),
         # Only named when on, so that the stamps of runs without it stay valid.
         *(("freeze_encoder",) if init == "genesis" and s.freeze_encoder else ()),
+        extra=[width, stage_digest(out / "pretrain") if init == "genesis" else None],
     )
     result_path = folder / "result.json"
     if stage_done(folder, digest) and result_path.exists():
@@ -428,62 +518,27 @@ def finetune_one(
         py,
         ROOT / "keras" / "finetune.py",
         "train",
-        "--data",
-        data,
-        "--output",
-        run_dir,
-        "--weights",
-        weights if init == "genesis" else "none",
-        "--epochs",
-        s.finetune_epochs,
-        "--steps_per_epoch",
-        s.finetune_steps,
-        "--batch_size",
-        s.finetune_batch_size,
-        "--lr",
-        s.finetune_lr,
-        "--patience",
-        s.finetune_patience,
-        "--validation_steps",
-        s.finetune_validation_steps,
-        "--cache",
-        out / "cache",
-        "--verbose",
-        2,
-        "--loss",
-        s.finetune_loss,
-        "--bn_momentum",
-        s.bn_momentum,
-        "--data_format",
-        s.data_format,
-        "--seed",
-        seed,
-        "--workers",
-        1,
-        # The settings its published table was measured with: the original's recipe (native
-        # spacing, a 64x64x32 patch, no augmentation, the plateau schedule) with the flags
-        # above. A benchmark under the default recipe is bench_recipe.py's.
-        "--recipe",
-        "original",
+        *("--data", data, "--output", run_dir),
+        *("--weights", weights if init == "genesis" else "none"),
+        *("--patch", *s.patch, "--batch_size", s.finetune_batch_size),
+        *("--epochs", s.finetune_epochs, "--steps_per_epoch", s.finetune_steps),
+        *("--seed", seed, "--workers", 1, "--verbose", 2, "--cache", out / "cache"),
     ]
     if init == "scratch":
-        cmd += ["--n_base_filters", s.n_base_filters]
+        cmd += ["--n_base_filters", width]
     elif s.freeze_encoder:
         cmd += ["--freeze_encoder"]
+    if recipe == "original":
+        # The original's settings; channels-last only for speed (the same arithmetic).
+        cmd += ["--recipe", "original", "--data_format", "channels_last"]
     t_train = run(cmd, folder / "train.log")
     t_pred = run(
         [
             py,
             ROOT / "keras" / "finetune.py",
             "predict",
-            "--model",
-            run_dir,
-            "--input",
-            test_dir / "imagesTr",
-            "--output",
-            folder / "predictions",
-            "--overlap",
-            s.overlap,
+            *("--model", run_dir, "--input", test_dir / "imagesTr"),
+            *("--output", folder / "predictions", "--overlap", s.overlap, "--tta", s.tta),
         ],
         folder / "predict.log",
     )
@@ -492,22 +547,23 @@ def finetune_one(
             py,
             ROOT / "keras" / "finetune.py",
             "evaluate",
-            "--predictions",
-            folder / "predictions",
-            "--labels",
-            test_dir / "labelsTr",
-            "--output",
-            folder / "report.json",
+            *("--predictions", folder / "predictions", "--labels", test_dir / "labelsTr"),
+            *("--output", folder / "report.json"),
         ],
         folder / "evaluate.log",
     )
     dice = per_case_dice(folder / "report.json")
     result = {
         "name": name,
+        "arm": arm,
         "init": init,
+        "recipe": recipe,
         "budget": budget,
         "seed": seed,
         "train_cases": train_cases[:budget],
+        "plan": json.loads((run_dir / "plan.json").read_text())
+        if (run_dir / "plan.json").exists()
+        else None,
         "dice": dice,
         "mean_dice": statistics.fmean(dice.values()),
         "train_s": round(t_train, 1),
@@ -519,6 +575,29 @@ def finetune_one(
     return result
 
 
+def ellipsoid_rows(test: list[str], train: list[str], budgets: list[int]) -> list[dict]:
+    """The two centred ellipsoids of benchmarks/centred_prior.py, sized from each budget's
+    training masks, scored on the test cases: {budget, prior, dice: {case: Dice}, mean_dice}."""
+    import centred_prior
+
+    labels = SHARED / "sts_ct" / "labelsTr"
+    test_labels = [labels / f"{c}.nii.gz" for c in test]
+    rows = []
+    for budget in budgets:
+        train_labels = [labels / f"{c}.nii.gz" for c in train[:budget]]
+        for mode in ("fixed", "margin"):
+            dice = centred_prior.score_prior(train_labels, test_labels, mode)
+            rows.append(
+                {
+                    "budget": budget,
+                    "prior": mode,
+                    "dice": dice,
+                    "mean_dice": statistics.fmean(dice.values()),
+                }
+            )
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -528,22 +607,22 @@ def summarise(runs: list[dict]) -> list[dict]:
     """Mean, standard deviation, minimum and maximum of the mean Dice over seeds, per cell.
 
     Args:
-        runs: results with keys init, budget, seed and mean_dice.
+        runs: results with keys arm (or init), budget, seed and mean_dice.
 
     Returns:
-        One row per (budget, init), sorted by budget then initialisation order.
+        One row per (budget, arm), sorted by budget then the order of ARMS.
     """
     cells: dict[tuple[int, str], list[float]] = {}
     for r in runs:
-        cells.setdefault((r["budget"], r["init"]), []).append(r["mean_dice"])
+        cells.setdefault((r["budget"], r.get("arm", r["init"])), []).append(r["mean_dice"])
     rows = []
-    for (budget, init), values in sorted(
-        cells.items(), key=lambda kv: (kv[0][0], INITS.index(kv[0][1]))
+    for (budget, arm), values in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], list(ARMS).index(kv[0][1]))
     ):
         rows.append(
             {
                 "budget": budget,
-                "init": init,
+                "arm": arm,
                 "seeds": len(values),
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -554,117 +633,220 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def paired(runs: list[dict]) -> list[dict]:
-    """Genesis minus scratch, run by run: the same budget and seed (so the same training cases,
-    patches and test cases), per budget.
+def bootstrap_interval(
+    diffs: np.ndarray, n: int, rng: np.random.Generator, level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of a (seeds, cases) table of paired
+    differences, resampling seeds and cases (each with replacement) in every draw.
 
     Args:
-        runs: results with keys init, budget, seed and mean_dice.
+        diffs: differences, one row per seed and one column per test case.
+        n: number of draws.
+        rng: the generator every draw comes from.
+        level: the interval's coverage.
 
     Returns:
-        One row per budget that has both initialisations: the number of pairs, the mean and
-        standard deviation of the differences, and in how many pairs Genesis scored higher.
+        (low, high).
     """
-    by_key = {(r["budget"], r["seed"], r["init"]): r["mean_dice"] for r in runs}
+    n_seeds, n_cases = diffs.shape
+    means = np.empty(n)
+    for i in range(n):
+        rows = rng.integers(0, n_seeds, n_seeds)
+        cols = rng.integers(0, n_cases, n_cases)
+        means[i] = diffs[np.ix_(rows, cols)].mean()
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def paired(runs: list[dict], a: str, b: str, n_boot: int, seed: int = 0) -> list[dict]:
+    """Arm `a` minus arm `b`, run by run (the same budget and seed: the same training cases and
+    test cases), per budget: the mean difference, its 95 % bootstrap interval over seeds and
+    test cases, and in how many runs `a` scored higher.
+
+    Args:
+        runs: results with keys arm, budget, seed, dice ({case: Dice}) and mean_dice.
+        a, b: the arms compared.
+        n_boot: bootstrap draws.
+        seed: the bootstrap generator's seed.
+
+    Returns:
+        One row per budget that has both arms.
+    """
+    by_key = {(r["budget"], r["seed"], r.get("arm", r["init"])): r for r in runs}
     rows = []
     for budget in sorted({r["budget"] for r in runs}):
-        diffs = [
-            by_key[(budget, seed, "genesis")] - by_key[(budget, seed, "scratch")]
-            for seed in sorted({r["seed"] for r in runs if r["budget"] == budget})
-            if (budget, seed, "genesis") in by_key and (budget, seed, "scratch") in by_key
+        seeds = [
+            sd
+            for sd in sorted({r["seed"] for r in runs if r["budget"] == budget})
+            if (budget, sd, a) in by_key and (budget, sd, b) in by_key
         ]
-        if diffs:
-            rows.append(
-                {
-                    "budget": budget,
-                    "pairs": len(diffs),
-                    "mean_difference": statistics.fmean(diffs),
-                    "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                    "genesis_higher": sum(d > 0 for d in diffs),
-                }
-            )
+        if not seeds:
+            continue
+        cases = sorted(by_key[(budget, seeds[0], a)]["dice"])
+        diffs = np.array(
+            [
+                [
+                    by_key[(budget, sd, a)]["dice"][c] - by_key[(budget, sd, b)]["dice"][c]
+                    for c in cases
+                ]
+                for sd in seeds
+            ]
+        )
+        per_run = diffs.mean(axis=1)
+        low, high = bootstrap_interval(diffs, n_boot, np.random.default_rng(seed))
+        rows.append(
+            {
+                "budget": budget,
+                "a": a,
+                "b": b,
+                "pairs": len(seeds),
+                "cases": len(cases),
+                "mean_difference": float(diffs.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "run_differences": [float(d) for d in per_run],
+                "a_higher": int((per_run > 0).sum()),
+            }
+        )
     return rows
 
 
 def paired_table(rows: list[dict]) -> str:
     lines = [
-        "| labelled cases | pairs (seeds) | Genesis - scratch, mean | std | Genesis higher |",
-        "|---|---|---|---|---|",
+        "| labelled cases | comparison | runs (seeds) | mean difference | 95 % interval | "
+        "higher in |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['budget']} | {r['pairs']} | {r['mean_difference']:+.3f} | {r['std']:.3f} "
-            f"| {r['genesis_higher']} of {r['pairs']} |"
+            f"| {r['budget']} | {r['a']} - {r['b']} | {r['pairs']} | "
+            f"{r['mean_difference']:+.3f} | {r['ci_low']:+.3f} .. {r['ci_high']:+.3f} | "
+            f"{r['a_higher']} of {r['pairs']} |"
         )
     return "\n".join(lines)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], priors: list[dict] | None = None) -> str:
     lines = [
-        "| labelled cases | initialisation | seeds | Dice mean | std | min | max |",
+        "| labelled cases | arm | seeds | Dice mean | std | min | max |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['budget']} | {r['init']} | {r['seeds']} | {r['mean']:.3f} | {r['std']:.3f} "
+            f"| {r['budget']} | {r['arm']} | {r['seeds']} | {r['mean']:.3f} | {r['std']:.3f} "
             f"| {r['min']:.3f} | {r['max']:.3f} |"
+        )
+    for p in priors or []:
+        lines.append(
+            f"| {p['budget']} | centred ellipsoid ({p['prior']}) | - | {p['mean_dice']:.3f} "
+            "| - | - | - |"
         )
     return "\n".join(lines)
 
 
+COLOURS = {"genesis": "tab:red", "scratch": "tab:blue", "genesis_original": "tab:orange"}
+
+
 def plot(
-    rows: list[dict], runs: list[dict], pretrain_rows: list[dict], path: Path, title: str
+    rows: list[dict],
+    runs: list[dict],
+    pairs: list[dict],
+    priors: list[dict],
+    pretrain_rows: list[dict],
+    path: Path,
+    title: str,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for init, colour in zip(INITS, ("tab:red", "tab:blue"), strict=True):
-        cell = [r for r in rows if r["init"] == init]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    budgets = sorted({r["budget"] for r in rows})
+    offsets = {arm: (i - 1) * 0.25 for i, arm in enumerate(ARMS)}
+    for arm in ARMS:
+        cell = [r for r in rows if r["arm"] == arm]
         if not cell:
             continue
-        xs = [r["budget"] for r in cell]
+        xs = [budgets.index(r["budget"]) + offsets[arm] for r in cell]
         ax1.errorbar(
             xs,
             [r["mean"] for r in cell],
             yerr=[r["std"] for r in cell],
-            color=colour,
+            color=COLOURS[arm],
             marker="o",
+            ls="-" if len(cell) > 1 else "none",
             capsize=4,
-            label=f"{init} (mean ± std over seeds)",
+            label=f"{arm} (mean ± std over seeds)",
         )
-        pts = [r for r in runs if r["init"] == init]
+        pts = [r for r in runs if r.get("arm", r["init"]) == arm]
         ax1.scatter(
-            [r["budget"] for r in pts],
+            [budgets.index(r["budget"]) + offsets[arm] for r in pts],
             [r["mean_dice"] for r in pts],
-            color=colour,
+            color=COLOURS[arm],
             alpha=0.35,
             s=14,
         )
+    for mode, style in (("fixed", ":"), ("margin", "--")):
+        cell = [p for p in priors if p["prior"] == mode and p["budget"] in budgets]
+        for p in cell:
+            i = budgets.index(p["budget"])
+            ax1.hlines(p["mean_dice"], i - 0.4, i + 0.4, colors="grey", linestyles=style)
+        if cell:
+            ax1.plot([], [], color="grey", ls=style, label=f"centred ellipsoid ({mode})")
+    ax1.set_xticks(range(len(budgets)), [str(b) for b in budgets])
     ax1.set_xlabel("labelled training cases")
-    ax1.set_ylabel("mean Dice on the held-out cases")
+    ax1.set_ylabel("mean tumour Dice on the test cases")
     ax1.set_title("Fine-tuning on sts_ct")
-    ax1.legend()
+    ax1.set_ylim(0.0, 1.0)
+    ax1.legend(fontsize=8, loc="upper left", ncol=2)
     ax1.grid(alpha=0.3)
-    epochs = [int(r["epoch"]) + 1 for r in pretrain_rows]
-    ax2.plot(epochs, [r["loss"] for r in pretrain_rows], marker="o", label="training cubes")
-    ax2.plot(epochs, [r["val_loss"] for r in pretrain_rows], marker="o", label="held-out cubes")
-    if all("identity_val_loss" in r for r in pretrain_rows):
-        ax2.plot(
-            epochs,
-            [r["identity_val_loss"] for r in pretrain_rows],
-            ls="--",
-            color="grey",
-            label="held-out, input returned unchanged",
+
+    labels = []
+    for i, p in enumerate(pairs):
+        ax2.scatter(
+            [i] * len(p["run_differences"]), p["run_differences"], color="grey", alpha=0.5, s=14
         )
-    ax2.set_yscale("log")
-    ax2.set_xlabel("pre-training epoch")
-    ax2.set_ylabel("restoration loss (MSE, log scale)")
-    ax2.set_title("Pre-training on the chest CTs")
-    ax2.legend()
+        ax2.errorbar(
+            [i + 0.15],
+            [p["mean_difference"]],
+            yerr=[[p["mean_difference"] - p["ci_low"]], [p["ci_high"] - p["mean_difference"]]],
+            color="black",
+            marker="D",
+            capsize=5,
+        )
+        labels.append(f"{p['a']}\n- {p['b']}\n{p['budget']} cases")
+    ax2.axhline(0.0, color="grey", lw=1)
+    ax2.set_xticks(range(len(pairs)), labels, fontsize=8)
+    ax2.set_ylabel("Dice difference (runs; mean, 95 % interval)")
+    ax2.set_title("Paired differences")
     ax2.grid(alpha=0.3)
+
+    if pretrain_rows:
+        epochs = [int(r["epoch"]) + 1 for r in pretrain_rows]
+        ax3.plot(epochs, [r["loss"] for r in pretrain_rows], marker="o", label="training cubes")
+        ax3.plot(
+            epochs, [r["val_loss"] for r in pretrain_rows], marker="o", label="held-out volumes"
+        )
+        if all("identity_val_loss" in r for r in pretrain_rows):
+            ax3.plot(
+                epochs,
+                [r["identity_val_loss"] for r in pretrain_rows],
+                ls="--",
+                color="grey",
+                label="held-out, input returned unchanged",
+            )
+        ax3.set_yscale("log")
+        ax3.xaxis.get_major_locator().set_params(integer=True)
+        ax3.set_xlabel("pre-training epoch")
+        ax3.set_ylabel("restoration loss (MSE, log scale)")
+        ax3.legend(fontsize=8)
+        ax3.grid(alpha=0.3)
+    else:
+        ax3.text(0.5, 0.5, "pre-trained weights given\n(--pretrained)", ha="center", va="center")
+        ax3.set_axis_off()
+    ax3.set_title("Pre-training")
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
@@ -714,7 +896,10 @@ def git_commit() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="example:\n  .venv/bin/python benchmarks/bench_transfer.py --seeds 0 1 2",
+        epilog="examples:\n"
+        "  .venv/bin/python benchmarks/bench_transfer.py\n"
+        "  .venv/bin/python benchmarks/bench_transfer.py --scale gpu "
+        "--pretrained hf:Genesis_Chest_CT.h5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -729,26 +914,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="output folder (default: benchmarks/results/transfer_{scale}[_tiny])",
+        help="output folder (default: benchmarks/results/transfer_{scale}[_tiny][_pretrained])",
     )
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1 2)"
+        "--pretrained",
+        default=None,
+        metavar="FILE",
+        help="fine-tune the Genesis arms from this weight file (or hf:Genesis_Chest_CT.h5, the "
+        "published weights) instead of pre-training here; scratch takes its width",
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds (default: 0 1 2 3 4)"
     )
     p.add_argument(
         "--budgets", type=int, nargs="+", default=None, help="numbers of labelled training cases"
     )
     p.add_argument(
-        "--loss",
-        choices=("dice_coef_loss", "bce_dice_loss", "bce_foreground_dice_loss"),
-        default=None,
-        help="fine-tuning loss (default: bce_foreground_dice_loss)",
-    )
-    p.add_argument(
-        "--inits",
+        "--arms",
         nargs="+",
-        choices=INITS,
-        default=list(INITS),
-        help="initialisations to fine-tune from (default: both)",
+        choices=list(ARMS),
+        default=list(ARMS),
+        help="arms to run (default: all; genesis_original only at original_budgets)",
     )
     p.add_argument(
         "--set",
@@ -787,8 +973,6 @@ def main(argv: list[str] | None = None) -> int:
         s.seeds = args.seeds
     if args.budgets:
         s.budgets = sorted(args.budgets)
-    if args.loss:
-        s.finetune_loss = args.loss
     apply_overrides(s, args.overrides)
     reuse = Path(args.reuse) if args.reuse else None
     if reuse is not None and not (reuse / "settings.json").exists():
@@ -798,9 +982,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    pretrained = resolve_pretrained(args.pretrained) if args.pretrained else None
     out = Path(
         args.out
-        or ROOT / "benchmarks" / "results" / f"transfer_{s.scale}{'_tiny' if s.tiny else ''}"
+        or ROOT
+        / "benchmarks"
+        / "results"
+        / (f"transfer_{s.scale}{'_tiny' if s.tiny else ''}{'_pretrained' if pretrained else ''}")
     )
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(dataclasses.asdict(s), indent=2), flush=True)
@@ -810,29 +998,45 @@ def main(argv: list[str] | None = None) -> int:
 
     if reuse is not None and (reuse / "cache").is_dir() and not (out / "cache").exists():
         (out / "cache").symlink_to((reuse / "cache").resolve(), target_is_directory=True)
-    cubes = extract(s, out, args.python, times, reuse)
-    weights, pretrain_rows = pretrain(s, out, args.python, cubes, times, reuse)
-    identity = identity_losses(cubes, out / "pretrain", len(pretrain_rows))
-    for row, value in zip(pretrain_rows, identity, strict=True):
-        row["identity_val_loss"] = value
     test, train = split_cases(s, out)
     test_dir = case_folder(out / "test_cases", test)
     log(f"held-out test cases ({len(test)}): {' '.join(test)}")
+    pretrain_rows: list[dict] = []
+    spacing = None
+    if pretrained is not None:
+        weights, width = pretrained
+        log(f"pre-trained weights: {weights} ({width} base filters); no pre-training here")
+    else:
+        width = s.n_base_filters
+        spacing = planned_spacing(s, out, train)
+        log(f"pre-training spacing (the fine-tuning plan's): {spacing} mm")
+        cubes = extract(s, out, args.python, train, spacing, times, reuse)
+        weights, pretrain_rows = pretrain(s, out, args.python, cubes, times, reuse)
+        identity = identity_losses(out / "pretrain", len(pretrain_rows))
+        for row, value in zip(pretrain_rows, identity, strict=True):
+            row["identity_val_loss"] = value
 
     runs = []
     for budget in s.budgets:
         for seed in s.seeds:
-            for init in args.inits:
-                r = finetune_one(s, out, args.python, init, budget, seed, weights, train, test_dir)
+            for arm in args.arms:
+                if arm == "genesis_original" and budget not in s.original_budgets:
+                    continue
+                r = finetune_one(
+                    s, out, args.python, arm, budget, seed, weights, width, train, test_dir
+                )
                 log(f"{r['name']}: mean Dice {r['mean_dice']:.3f} (train {r['train_s']} s)")
                 runs.append(r)
+    priors = ellipsoid_rows(test, train, s.budgets)
     rows = summarise(runs)
-    pairs = paired(runs)
+    pairs = paired(runs, "genesis", "scratch", s.bootstrap) + paired(
+        runs, "genesis", "genesis_original", s.bootstrap
+    )
     times["finetune_s"] = round(
         sum(r["train_s"] + r["predict_s"] + r["evaluate_s"] for r in runs), 1
     )
     # Every stage's own time, also of those this invocation kept from an earlier one.
-    parts = [times.get("extract_s"), times.get("pretrain_s"), times["finetune_s"]]
+    parts = [times.get("extract_s", 0.0), times.get("pretrain_s", 0.0), times["finetune_s"]]
     times["stages_s"] = round(sum(parts), 1) if None not in parts else None
     times["total_s"] = round(time.perf_counter() - t_start, 1)  # this invocation
     results = {
@@ -842,34 +1046,38 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench_transfer.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": dataclasses.asdict(s),
+        "pretrained": args.pretrained,
+        "pretrain_spacing": spacing,
         "test_cases": test,
         "times": times,
         "pretraining": pretrain_rows,
         "summary": rows,
         "paired": pairs,
+        "priors": priors,
         "runs": runs,
     }
     write_json(str(out / "transfer.json"), results)
+    source = f"from {args.pretrained}" if args.pretrained else "pre-trained here"
     plot(
         rows,
         runs,
+        pairs,
+        priors,
         pretrain_rows,
         out / "transfer.png",
-        f"Models Genesis vs scratch, {s.scale} scale{' (tiny)' if s.tiny else ''}, "
-        f"{s.n_base_filters} base filters, {len(s.seeds)} seeds",
+        f"Models Genesis ({source}) vs scratch, default recipe, {s.scale} scale"
+        f"{' (tiny)' if s.tiny else ''}, {width} base filters, {len(s.seeds)} seeds, "
+        f"{len(test)} test cases",
     )
-    print(table(rows))
+    print(table(rows, priors))
     if pairs:
         print(paired_table(pairs))
-    print(f"pre-training val_loss by epoch: {[round(r['val_loss'], 5) for r in pretrain_rows]}")
-    print(
-        "held-out loss of the input returned unchanged, by epoch: "
-        f"{[round(r['identity_val_loss'], 4) for r in pretrain_rows]}"
-    )
-    print(
-        "val_loss / that, by epoch: "
-        f"{[round(r['val_loss'] / r['identity_val_loss'], 4) for r in pretrain_rows]}"
-    )
+    if pretrain_rows:
+        print(f"pre-training val_loss by epoch: {[round(r['val_loss'], 5) for r in pretrain_rows]}")
+        print(
+            "held-out loss of the input returned unchanged, by epoch: "
+            f"{[round(r['identity_val_loss'], 4) for r in pretrain_rows]}"
+        )
     print(f"times: {times}; results in {out}/transfer.json, plot {out}/transfer.png")
     return 0
 

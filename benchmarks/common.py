@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 # The project's modules live in keras/ and are imported by bare name.
@@ -18,7 +20,45 @@ if KERAS_DIR not in sys.path:
 
 from genesis_files import atomic_path  # noqa: E402
 
-__all__ = ["KERAS_DIR", "atomic_path", "save_figure", "write_json", "write_text"]
+__all__ = [
+    "KERAS_DIR",
+    "STS_CT",
+    "atomic_path",
+    "case_folder",
+    "save_figure",
+    "write_json",
+    "write_text",
+]
+
+# The labelled sarcoma CTs beside the repository (nnU-Net layout), used by several benchmarks.
+STS_CT = Path(KERAS_DIR).parent.parent / "shared" / "data" / "sts_ct"
+
+
+def case_folder(dst: Path, cases: list[str], src: Path = STS_CT) -> Path:
+    """An nnU-Net-layout folder of the given cases of `src` (symbolic links), and its
+    dataset.json with numTraining set; an existing `dst` is replaced.
+
+    Args:
+        dst: the folder to make.
+        cases: case names (``STS_001``), whose files are ``imagesTr/{case}_0000.nii.gz`` and
+            ``labelsTr/{case}.nii.gz``.
+        src: the data set they come from.
+
+    Returns:
+        `dst`.
+    """
+    if dst.exists():
+        shutil.rmtree(dst)
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    for case in cases:
+        name = f"{case}_0000.nii.gz"
+        (dst / "imagesTr" / name).symlink_to(src / "imagesTr" / name)
+        (dst / "labelsTr" / f"{case}.nii.gz").symlink_to(src / "labelsTr" / f"{case}.nii.gz")
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["numTraining"] = len(cases)
+    write_text(dst / "dataset.json", json.dumps(meta, indent=2))
+    return dst
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:

@@ -39,8 +39,10 @@ def load_cells(folder: Path, budget: int) -> dict[str, list[tuple[int, float]]]:
     runs = json.loads(path.read_text())["runs"]
     cells: dict[str, list[tuple[int, float]]] = {}
     for r in runs:
-        if r["budget"] == budget:
-            cells.setdefault(r["init"], []).append((r["seed"], r["mean_dice"]))
+        # Runs of other arms (the original's recipe) are not variants of these two.
+        arm = r.get("arm", r["init"])
+        if r["budget"] == budget and arm in INITS:
+            cells.setdefault(arm, []).append((r["seed"], r["mean_dice"]))
     if not cells:
         raise SystemExit(f"Expected runs with {budget} labelled cases in {path}. Received: none")
     return {init: sorted(v) for init, v in cells.items()}

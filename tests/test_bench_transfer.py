@@ -1,7 +1,10 @@
-"""The transfer benchmark's bookkeeping: the per-cell summary and the stage stamps."""
+"""The transfer benchmark's bookkeeping: the per-cell summary, paired intervals, stage stamps
+and the --pretrained weights."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -28,28 +31,30 @@ def test_summary_per_budget_and_initialisation_matches_hand_values(bench):
         {"init": "genesis", "budget": 28, "seed": 0, "mean_dice": 0.9},
     ]
     rows = bench.summarise(runs)
-    assert [(r["budget"], r["init"], r["seeds"]) for r in rows] == [
+    assert [(r["budget"], r["arm"], r["seeds"]) for r in rows] == [
         (7, "genesis", 2),
         (7, "scratch", 2),
         (28, "genesis", 1),
     ]
+    assert [r["arm"] for r in rows] == ["genesis", "scratch", "genesis"]
     # mean of 0.5 and 0.7 is 0.6; sample std is |0.7 - 0.5| / sqrt(2)
     assert rows[0]["mean"] == pytest.approx(0.6)
     assert rows[0]["std"] == pytest.approx(0.2 / 2**0.5)
     assert (rows[1]["min"], rows[1]["max"]) == (0.2, 0.4)
     assert rows[2]["std"] == 0.0
-    text = bench.table(rows)
+    text = bench.table(rows, [{"budget": 7, "prior": "fixed", "mean_dice": 0.25}])
     assert "| 7 | genesis | 2 | 0.600 |" in text
+    assert "| 7 | centred ellipsoid (fixed) | - | 0.250 |" in text
 
 
 def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
     s = bench.Settings()
-    digest = s.digest("n_base_filters", "finetune_lr")
+    digest = s.digest("n_base_filters", "finetune_epochs")
     assert not bench.stage_done(tmp_path, digest)
     bench.mark_done(tmp_path, digest)
     assert bench.stage_done(tmp_path, digest)
-    s.finetune_lr = 1e-2
-    assert not bench.stage_done(tmp_path, s.digest("n_base_filters", "finetune_lr"))
+    s.finetune_epochs = 99
+    assert not bench.stage_done(tmp_path, s.digest("n_base_filters", "finetune_epochs"))
     # The time a stage took is kept with its stamp, for reruns that keep it.
     assert bench.stage_seconds(tmp_path) is None
     bench.mark_done(tmp_path, digest, 12.34)
@@ -61,7 +66,7 @@ def test_a_stage_is_kept_only_with_the_same_settings(bench, tmp_path):
 def test_tiny_shrinks_every_budget(bench):
     full, tiny = bench.Settings.for_scale("gpu", False), bench.Settings.for_scale("gpu", True)
     assert full.n_base_filters == 32 and tiny.n_base_filters < full.n_base_filters
-    assert tiny.finetune_epochs < full.finetune_epochs and len(full.seeds) == 3
+    assert tiny.finetune_epochs < full.finetune_epochs and len(full.seeds) == 5
     assert len(tiny.seeds) < len(full.seeds) and max(tiny.budgets) < max(full.budgets)
     assert json.dumps(bench.dataclasses.asdict(tiny))  # the settings file is plain JSON
 
@@ -89,13 +94,13 @@ def test_set_reads_each_value_as_its_settings_type(bench):
             "pretrain_epochs=2",
             "freeze_encoder=true",
             "budgets=7,28",
-            "finetune_loss=dice_coef_loss",
+            "tta=on",
         ],
     )
     assert s.pretrain_lr == 1.0 and isinstance(s.pretrain_lr, float)
     assert s.pretrain_epochs == 2 and isinstance(s.pretrain_epochs, int)
     assert s.freeze_encoder is True and s.budgets == [7, 28]
-    assert s.finetune_loss == "dice_coef_loss"
+    assert s.tta == "on"
     bench.apply_overrides(s, ["freeze_encoder=0"])
     assert s.freeze_encoder is False
 
@@ -197,7 +202,7 @@ def test_identity_loss_is_scored_on_the_trainers_validation_pairs(bench, tmp_pat
         model_path=str(run),
     )
     (run / "Vnet-genesis_chest_ct.json").write_text(config.to_json())
-    got = bench.identity_losses(cubes, run, 2)
+    got = bench.identity_losses(run, 2)
     # The trainer validates on seed + 1 with the epoch set before each epoch.
     ds = GenesisPairDataset(
         str(cubes / "bat_8_s_64x64x32_1.npy"),
@@ -216,21 +221,95 @@ def test_identity_loss_is_scored_on_the_trainers_validation_pairs(bench, tmp_pat
     assert got[0] != got[1] and all(v > 0 for v in got)
     # Kept beside the run: a second call reads the file.
     (run / "identity_mse.json").write_text(json.dumps([1.0, 2.0]))
-    assert bench.identity_losses(cubes, run, 2) == [1.0, 2.0]
+    assert bench.identity_losses(run, 2) == [1.0, 2.0]
 
 
-def test_paired_differences_match_only_the_same_budget_and_seed(bench):
+def _run(arm, budget, seed, dice):
+    return {
+        "arm": arm,
+        "init": "scratch" if arm == "scratch" else "genesis",
+        "budget": budget,
+        "seed": seed,
+        "dice": dice,
+        "mean_dice": sum(dice.values()) / len(dice),
+    }
+
+
+def test_paired_differences_match_only_the_same_budget_seed_and_case(bench):
     runs = [
-        {"init": "genesis", "budget": 7, "seed": 0, "mean_dice": 0.5},
-        {"init": "scratch", "budget": 7, "seed": 0, "mean_dice": 0.2},
-        {"init": "genesis", "budget": 7, "seed": 1, "mean_dice": 0.1},
-        {"init": "scratch", "budget": 7, "seed": 1, "mean_dice": 0.2},
-        {"init": "genesis", "budget": 7, "seed": 2, "mean_dice": 0.9},  # no scratch twin
-        {"init": "genesis", "budget": 28, "seed": 0, "mean_dice": 0.4},  # none at 28
+        _run("genesis", 7, 0, {"a": 0.5, "b": 0.7}),
+        _run("scratch", 7, 0, {"a": 0.2, "b": 0.4}),
+        _run("genesis", 7, 1, {"a": 0.1, "b": 0.1}),
+        _run("scratch", 7, 1, {"a": 0.2, "b": 0.2}),
+        _run("genesis", 7, 2, {"a": 0.9, "b": 0.9}),  # no scratch twin
+        _run("genesis", 28, 0, {"a": 0.4, "b": 0.4}),  # no scratch at 28
     ]
-    (row,) = bench.paired(runs)
-    # differences +0.3 and -0.1: mean 0.1, sample std 0.4 / sqrt(2)
-    assert row["budget"] == 7 and row["pairs"] == 2 and row["genesis_higher"] == 1
+    (row,) = bench.paired(runs, "genesis", "scratch", n_boot=500)
+    # run differences +0.3 and -0.1: mean 0.1
+    assert row["budget"] == 7 and row["pairs"] == 2 and row["cases"] == 2
+    assert row["a_higher"] == 1
+    assert row["run_differences"] == pytest.approx([0.3, -0.1])
     assert row["mean_difference"] == pytest.approx(0.1)
-    assert row["std"] == pytest.approx(0.4 / 2**0.5)
-    assert "| 7 | 2 | +0.100 | 0.283 | 1 of 2 |" in bench.paired_table([row])
+    # every draw is a mean of some of the four differences (+0.3, +0.3, -0.1, -0.1)
+    assert -0.1 - 1e-9 <= row["ci_low"] <= 0.1 <= row["ci_high"] <= 0.3 + 1e-9
+    text = bench.paired_table([row])
+    assert "| 7 | genesis - scratch | 2 | +0.100 |" in text and "| 1 of 2 |" in text
+    assert bench.paired(runs, "genesis", "genesis_original", n_boot=10) == []
+
+
+def test_bootstrap_interval_against_a_slow_reference(bench):
+    import numpy as np
+
+    diffs = np.array([[0.1, 0.3, -0.2], [0.0, 0.4, 0.2]])
+    low, high = bench.bootstrap_interval(diffs, 2000, np.random.default_rng(5))
+    # The same draws, one loop at a time.
+    rng = np.random.default_rng(5)
+    means = []
+    for _ in range(2000):
+        rows = rng.integers(0, 2, 2)
+        cols = rng.integers(0, 3, 3)
+        means.append(sum(diffs[r, c] for r in rows for c in cols) / 6)
+    assert (low, high) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    assert low < diffs.mean() < high
+    # No spread: the interval is the point.
+    assert bench.bootstrap_interval(np.full((3, 4), 0.2), 100, np.random.default_rng(0)) == (
+        pytest.approx(0.2),
+        pytest.approx(0.2),
+    )
+
+
+def test_pretrained_resolves_an_hf_name_through_a_hub_cache_offline(tmp_path):
+    """--pretrained hf:Genesis_Chest_CT.h5 finds the file in the Hugging Face cache without the
+    network, and reads the width that scratch will take from it."""
+    from test_download_weights import make_hub_cache
+
+    weights = tmp_path / "Genesis_Chest_CT.h5"
+    code = (
+        "import sys; sys.path.insert(0, 'keras'); from unet3d import unet_model_3d;"
+        "m = unet_model_3d((1, 32, 32, 16), n_base_filters=4, batch_normalization=True);"
+        f"m.save({str(weights)!r})"
+    )
+    env = dict(os.environ, KERAS_BACKEND="torch", HF_HUB_OFFLINE="1")
+    made = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert made.returncode == 0, made.stderr.decode()[-2000:]
+    cache = tmp_path / "hub"
+    make_hub_cache(cache, {"Genesis_Chest_CT.h5": weights})
+    code = (
+        "import sys, runpy; sys.path.insert(0, 'benchmarks');"
+        "b = runpy.run_path('benchmarks/bench_transfer.py');"
+        "print(b['resolve_pretrained']('hf:Genesis_Chest_CT.h5'))"
+    )
+    env["HF_HUB_CACHE"] = str(cache)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, width = eval(out.stdout.strip().splitlines()[-1])  # a printed (str, int) tuple
+    assert width == 4 and os.path.samefile(path, cache.glob("**/Genesis_Chest_CT.h5").__next__())
+    # A name the cache lacks stops with the hub's own explanation, not a traceback.
+    code = code.replace("Genesis_Chest_CT.h5", "Genesis_Chest_CT_x.h5")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "error: --pretrained:" in out.stderr
+    assert "Traceback" not in out.stderr

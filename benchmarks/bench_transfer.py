@@ -65,12 +65,17 @@ from common import case_folder, save_figure, write_json, write_text  # noqa: E40
 
 SHARED = ROOT.parent / "shared" / "data"
 CHEST_CTS = ("chest_ct_512x512x141.nii.gz", "chest_ct_lidc0314_512x512x275.nii.gz")
-# Arm -> (initialisation, fine-tuning recipe). The order is the tables' and the plot's.
-ARMS = {
-    "genesis": ("genesis", "default"),
-    "scratch": ("scratch", "default"),
-    "genesis_original": ("genesis", "original"),
+# Arm -> (initialisation, fine-tuning recipe, further flags). The order is the tables' and the
+# plot's. The default recipe maps CT intensities differently with and without pre-trained
+# weights (the weights' window, or the foreground's z-score); scratch_ct_window trains from
+# scratch on the weights' window, so that genesis - scratch_ct_window is the weights alone.
+ARMS: dict[str, tuple[str, str, list[str]]] = {
+    "genesis": ("genesis", "default", []),
+    "scratch": ("scratch", "default", []),
+    "genesis_original": ("genesis", "original", []),
+    "scratch_ct_window": ("scratch", "default", ["--intensity", "ct"]),
 }
+DEFAULT_ARMS = ("genesis", "scratch", "genesis_original")
 INITS = ("genesis", "scratch")
 
 
@@ -220,7 +225,7 @@ def planned_spacing(s: Settings, out: Path, train: list[str]) -> list[float]:
     benchmark's patch, starting from pre-trained weights (`finetune_plan.make_plan` on their
     fingerprint); kept in `out`/planned_spacing.json."""
     path = out / "planned_spacing.json"
-    digest = s.digest("test_cases", "split_seed", "patch", "n_base_filters")
+    digest = s.digest("test_cases", "split_seed", "patch", "n_base_filters", "finetune_batch_size")
     if path.exists():
         kept = json.loads(path.read_text())
         if kept.get("digest") == digest:
@@ -485,12 +490,14 @@ def finetune_one(
     budget: int,
     seed: int,
     weights: Path | str,
+    weights_id: str | None,
     width: int,
     train_cases: list[str],
     test_dir: Path,
 ) -> dict:
-    """Train, predict and evaluate one (arm, budget, seed) run; kept when done."""
-    init, recipe = ARMS[arm]
+    """Train, predict and evaluate one (arm, budget, seed) run; kept when done with the same
+    settings and, for the Genesis arms, the same weights (`weights_id`)."""
+    init, recipe, flags = ARMS[arm]
     name = f"{arm}_n{budget:02d}_seed{seed}"
     folder = out / "finetune" / name
     digest = s.digest(
@@ -504,7 +511,7 @@ def finetune_one(
         "split_seed",
         # Only named when on, so that the stamps of runs without it stay valid.
         *(("freeze_encoder",) if init == "genesis" and s.freeze_encoder else ()),
-        extra=[width, stage_digest(out / "pretrain") if init == "genesis" else None],
+        extra=[width, weights_id if init == "genesis" else None],
     )
     result_path = folder / "result.json"
     if stage_done(folder, digest) and result_path.exists():
@@ -531,6 +538,7 @@ def finetune_one(
     if recipe == "original":
         # The original's settings; channels-last only for speed (the same arithmetic).
         cmd += ["--recipe", "original", "--data_format", "channels_last"]
+    cmd += flags
     t_train = run(cmd, folder / "train.log")
     t_pred = run(
         [
@@ -745,7 +753,12 @@ def table(rows: list[dict], priors: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-COLOURS = {"genesis": "tab:red", "scratch": "tab:blue", "genesis_original": "tab:orange"}
+COLOURS = {
+    "genesis": "tab:red",
+    "scratch": "tab:blue",
+    "genesis_original": "tab:orange",
+    "scratch_ct_window": "tab:cyan",
+}
 
 
 def plot(
@@ -764,7 +777,7 @@ def plot(
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
     budgets = sorted({r["budget"] for r in rows})
-    offsets = {arm: (i - 1) * 0.25 for i, arm in enumerate(ARMS)}
+    offsets = {arm: (i - 1.5) * 0.18 for i, arm in enumerate(ARMS)}
     for arm in ARMS:
         cell = [r for r in rows if r["arm"] == arm]
         if not cell:
@@ -933,8 +946,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--arms",
         nargs="+",
         choices=list(ARMS),
-        default=list(ARMS),
-        help="arms to run (default: all; genesis_original only at original_budgets)",
+        default=list(DEFAULT_ARMS),
+        help="arms to run (default: %(default)s; genesis_original only at original_budgets; "
+        "scratch_ct_window: scratch on the pre-trained weights' intensity window)",
     )
     p.add_argument(
         "--set",
@@ -1005,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     spacing = None
     if pretrained is not None:
         weights, width = pretrained
+        with open(weights, "rb") as f:
+            weights_id = hashlib.file_digest(f, "sha256").hexdigest()[:12]
         log(f"pre-trained weights: {weights} ({width} base filters); no pre-training here")
     else:
         width = s.n_base_filters
@@ -1012,6 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"pre-training spacing (the fine-tuning plan's): {spacing} mm")
         cubes = extract(s, out, args.python, train, spacing, times, reuse)
         weights, pretrain_rows = pretrain(s, out, args.python, cubes, times, reuse)
+        weights_id = stage_digest(out / "pretrain")
         identity = identity_losses(out / "pretrain", len(pretrain_rows))
         for row, value in zip(pretrain_rows, identity, strict=True):
             row["identity_val_loss"] = value
@@ -1023,15 +1040,31 @@ def main(argv: list[str] | None = None) -> int:
                 if arm == "genesis_original" and budget not in s.original_budgets:
                     continue
                 r = finetune_one(
-                    s, out, args.python, arm, budget, seed, weights, width, train, test_dir
+                    s,
+                    out,
+                    args.python,
+                    arm,
+                    budget,
+                    seed,
+                    weights,
+                    weights_id,
+                    width,
+                    train,
+                    test_dir,
                 )
                 log(f"{r['name']}: mean Dice {r['mean_dice']:.3f} (train {r['train_s']} s)")
                 runs.append(r)
     priors = ellipsoid_rows(test, train, s.budgets)
     rows = summarise(runs)
-    pairs = paired(runs, "genesis", "scratch", s.bootstrap) + paired(
-        runs, "genesis", "genesis_original", s.bootstrap
-    )
+    pairs = [
+        row
+        for a, b in (
+            ("genesis", "scratch"),
+            ("genesis", "scratch_ct_window"),
+            ("genesis", "genesis_original"),
+        )
+        for row in paired(runs, a, b, s.bootstrap)
+    ]
     times["finetune_s"] = round(
         sum(r["train_s"] + r["predict_s"] + r["evaluate_s"] for r in runs), 1
     )

@@ -313,3 +313,24 @@ def test_pretrained_resolves_an_hf_name_through_a_hub_cache_offline(tmp_path):
     )
     assert out.returncode != 0 and "error: --pretrained:" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_case_folder_links_the_named_cases_and_counts_them(bench, tmp_path):
+    src = tmp_path / "src"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    for case in ("A_1", "A_2", "A_3"):
+        (src / "imagesTr" / f"{case}_0000.nii.gz").write_text(f"image {case}")
+        (src / "labelsTr" / f"{case}.nii.gz").write_text(f"label {case}")
+    (src / "dataset.json").write_text(json.dumps({"numTraining": 3, "labels": {"x": 0}}))
+    dst = tmp_path / "dst"
+    (dst / "stale").mkdir(parents=True)  # an earlier folder is replaced, not merged
+    assert bench.case_folder(dst, ["A_3", "A_1"], src) == dst
+    assert sorted(p.name for p in (dst / "imagesTr").iterdir()) == [
+        "A_1_0000.nii.gz",
+        "A_3_0000.nii.gz",
+    ]
+    assert (dst / "labelsTr" / "A_3.nii.gz").read_text() == "label A_3"
+    assert (dst / "imagesTr" / "A_1_0000.nii.gz").is_symlink()
+    assert json.loads((dst / "dataset.json").read_text()) == {"numTraining": 2, "labels": {"x": 0}}
+    assert not (dst / "stale").exists()

@@ -40,7 +40,7 @@ DEMO_DIR := demo_output
 demo: $(RUNTIME_STAMP)
 	bash datasets/demo.sh $(DEMO_DIR)
 
-# The quick benchmarks; bench_transfer.py (about half an hour on 2 cores) runs alone: see docs/benchmarks.md.
+# The quick benchmarks; bench_transfer.py (under two hours on 2 cores) runs alone: see docs/benchmarks.md.
 bench: $(TEST_STAMP)
 	for b in benchmarks/bench_*.py; do \
 	  [ "$$b" = benchmarks/bench_transfer.py ] || $(PY) $$b || exit 1; done

@@ -794,7 +794,7 @@ def plot(
             marker="o",
             ls="-" if len(cell) > 1 else "none",
             capsize=4,
-            label=f"{arm} (mean ± std over seeds)",
+            label=f"{arm} (mean ± std)",
         )
         pts = [r for r in runs if r.get("arm", r["init"]) == arm]
         ax1.scatter(
@@ -816,7 +816,7 @@ def plot(
     ax1.set_ylabel("mean tumour Dice on the test cases")
     ax1.set_title("Fine-tuning on sts_ct")
     ax1.set_ylim(0.0, 1.0)
-    ax1.legend(fontsize=8, loc="upper left", ncol=2)
+    ax1.legend(fontsize=7, loc="upper left")
     ax1.grid(alpha=0.3)
 
     labels = []

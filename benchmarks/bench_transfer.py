@@ -11,9 +11,10 @@
    else equal: the same held-out test cases, label budgets, seeds and step budget. Arms:
    `genesis` (the step-2 weights, default recipe), `scratch` (default recipe) and
    `genesis_original` (the step-2 weights, `--recipe original`: the paper's setting) at the
-   budgets in `extra_arm_budgets`. Optional (`--arms ... scratch_ct_window`): scratch on the
-   pre-trained weights' intensity window, so that the weights' effect is seen apart from the
-   window the default recipe gives pre-trained runs.
+   budgets in `extra_arm_budgets`. Optional (`--arms ...`): `scratch_ct_window`, scratch on
+   the pre-trained weights' intensity window, so that the weights' effect is seen apart from the
+   window the default recipe gives pre-trained runs, and `genesis_ct_foreground`, the weights
+   fine-tuned on the z-scored intensities scratch gets.
 4. Score: `finetune.py predict` and `evaluate` on the held-out test cases (Dice per case); the
    same cases are scored by two centred ellipsoids sized from each budget's training masks,
    which look at no voxel (benchmarks/centred_prior.py).
@@ -70,12 +71,14 @@ CHEST_CTS = ("chest_ct_512x512x141.nii.gz", "chest_ct_lidc0314_512x512x275.nii.g
 # Arm -> (initialisation, fine-tuning recipe, further flags). The order is the tables' and the
 # plot's. The default recipe maps CT intensities differently with and without pre-trained
 # weights (the weights' window, or the foreground's z-score); scratch_ct_window trains from
-# scratch on the weights' window, so that genesis - scratch_ct_window is the weights alone.
+# scratch on the weights' window, so that genesis - scratch_ct_window is the weights alone, and
+# genesis_ct_foreground fine-tunes the weights on the z-scored intensities scratch gets.
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "genesis": ("genesis", "default", []),
     "scratch": ("scratch", "default", []),
     "genesis_original": ("genesis", "original", []),
     "scratch_ct_window": ("scratch", "default", ["--intensity", "ct"]),
+    "genesis_ct_foreground": ("genesis", "default", ["--intensity", "ct_foreground"]),
 }
 DEFAULT_ARMS = ("genesis", "scratch", "genesis_original")
 INITS = ("genesis", "scratch")
@@ -761,6 +764,7 @@ COLOURS = {
     "scratch": "tab:blue",
     "genesis_original": "tab:orange",
     "scratch_ct_window": "tab:cyan",
+    "genesis_ct_foreground": "tab:purple",
 }
 
 
@@ -780,7 +784,7 @@ def plot(
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
     budgets = sorted({r["budget"] for r in rows})
-    offsets = {arm: (i - 1.5) * 0.18 for i, arm in enumerate(ARMS)}
+    offsets = {arm: (i - 2) * 0.15 for i, arm in enumerate(ARMS)}
     for arm in ARMS:
         cell = [r for r in rows if r["arm"] == arm]
         if not cell:
@@ -951,7 +955,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(ARMS),
         default=list(DEFAULT_ARMS),
         help="arms to run (default: %(default)s); scratch_ct_window trains from scratch on the "
-        "pre-trained weights' intensity window; arms other than genesis and scratch run at "
+        "pre-trained weights' intensity window, genesis_ct_foreground fine-tunes the weights on "
+        "scratch's z-scored intensities; arms other than genesis and scratch run at "
         "extra_arm_budgets only",
     )
     p.add_argument(
@@ -1065,6 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in (
             ("genesis", "scratch"),
             ("genesis", "scratch_ct_window"),
+            ("genesis_ct_foreground", "scratch"),
             ("genesis", "genesis_original"),
         )
         for row in paired(runs, a, b, s.bootstrap)

@@ -209,6 +209,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="momentum of the batch normalization statistics that inference uses; lower for "
         "short runs (default: 0.9; original recipe: Keras' 0.99)",
     )
+    t.add_argument(
+        "--foreground_fraction",
+        type=float,
+        default=None,
+        help="share of training patches centred on a labelled voxel, the rest anywhere "
+        "(default: 0.33, nnU-Net's)",
+    )
     t.add_argument("--patience", type=int, default=50, help="early stopping (default: 50)")
     t.add_argument("--seed", type=int, default=0, help="split, patches and weights (default: 0)")
     t.add_argument("--workers", type=int, default=1, help="threads making batches (default: 1)")

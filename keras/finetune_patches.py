@@ -1,8 +1,9 @@
 """Fine-tuning patches: the patch size rule and the sampler of (image, label) patches.
 
 `SegmentationPatches` cuts patches on the fly from the prepared cases (`finetune_cases`):
-every third item of an epoch is centred on a foreground voxel (nnU-Net's share), the others
-start anywhere; volumes smaller than the patch are padded with `image_fill` (labels with 0).
+a share of each epoch's items (`foreground_fraction`, a third by default: nnU-Net's share) is
+centred on a foreground voxel, the others start anywhere; volumes smaller than the patch are
+padded with `image_fill` (labels with 0).
 With `augment` (`finetune_augment.AugmentSettings`), each patch is resampled from the whole
 case with a drawn rotation, scaling and mirroring, then its intensities are changed
 (`finetune_augment.augment_patch`); without it, a patch is a plain crop.
@@ -17,6 +18,7 @@ divisible-by-8 rule), `finetune_cases` and `finetune_augment`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import keras
@@ -29,7 +31,7 @@ from finetune_augment import AugmentSettings, augment_patch, crop_padded
 from finetune_cases import FinetuneInputError, PreparedCase
 
 __all__ = [
-    "FOREGROUND_EVERY",
+    "FOREGROUND_FRACTION",
     "PATCH_FACTOR",
     "SegmentationPatches",
     "check_patch",
@@ -42,7 +44,7 @@ __all__ = [
 # The U-Net pools three times by 2: every patch size must be a multiple of 8.
 PATCH_FACTOR = 8
 # nnU-Net's share of patches centred on a foreground voxel.
-FOREGROUND_EVERY = 3
+FOREGROUND_FRACTION = 1 / 3
 
 
 def check_patch(patch: Sequence[int]) -> tuple[int, int, int]:
@@ -85,12 +87,20 @@ def one_hot(label: np.ndarray, n_classes: int, channel_axis: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 
-def foreground_item(k: int) -> bool:
+def foreground_item(k: int, fraction: float = FOREGROUND_FRACTION) -> bool:
     """Whether item k of an epoch (batch * batch_size + position) is centred on foreground.
 
-    Every third item is: a third of all patches, whatever the batch size (nnU-Net's share).
+    Items are forced evenly: item k is when ``floor((k + 1) f) > floor(k f)``, so any run of
+    n items holds ``n f`` of them, rounded, whatever the batch size. With a third (nnU-Net's
+    share) that is every third item; 0: none; 1: all.
+
+    Args:
+        k: the item's index in the epoch.
+        fraction: the share of items centred on foreground, in [0, 1].
     """
-    return k % FOREGROUND_EVERY == FOREGROUND_EVERY - 1
+    # An exact fraction, so that 1/3 gives items 2, 5, 8... with no rounding drift.
+    f = Fraction(fraction).limit_denominator(1000)
+    return (k + 1) * f.numerator // f.denominator > k * f.numerator // f.denominator
 
 
 def patch_start(
@@ -124,7 +134,7 @@ class SegmentationPatches(keras.utils.PyDataset):
     """(image patches, one-hot label patches) batches drawn from prepared cases on the fly.
 
     Batch i of epoch e draws from ``np.random.default_rng([seed, e, i])``: for each item a case
-    (uniformly), and for every third item of the epoch (`foreground_item`) a foreground class
+    (uniformly), and for a share of the epoch's items (`foreground_item`) a foreground class
     present in the case and one of its voxels to centre on; the others start anywhere.
 
     Args:
@@ -141,6 +151,7 @@ class SegmentationPatches(keras.utils.PyDataset):
             crops, and the generator draws exactly what it drew without augmentation.
         image_fill: the image's value outside the volume (0: air in the CT window; the
             normalised minimum for standardised intensities).
+        foreground_fraction: the share of patches centred on a foreground voxel, in [0, 1].
         **kwargs: for `keras.utils.PyDataset` (workers, use_multiprocessing, max_queue_size).
     """
 
@@ -156,11 +167,18 @@ class SegmentationPatches(keras.utils.PyDataset):
         fixed_epoch: int | None = None,
         augment: AugmentSettings | None = None,
         image_fill: float = 0.0,
+        foreground_fraction: float = FOREGROUND_FRACTION,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not cases:
             raise FinetuneInputError("Expected at least one case to sample patches from.")
+        if not 0.0 <= float(foreground_fraction) <= 1.0:
+            raise FinetuneInputError(
+                "Expected foreground_fraction in [0, 1]. Received: "
+                f"foreground_fraction={foreground_fraction!r}"
+            )
+        self.foreground_fraction = float(foreground_fraction)
         self.cases = list(cases)
         self.patch = tuple(int(p) for p in patch)
         self.batch_size, self.n_classes, self.steps = int(batch_size), int(n_classes), int(steps)
@@ -178,7 +196,7 @@ class SegmentationPatches(keras.utils.PyDataset):
 
     def sample(self, rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """One patch: (image (channels, R, C, D), label (R, C, D), centred on foreground)."""
-        on_fg = foreground_item(k) and bool(self._with_fg)
+        on_fg = foreground_item(k, self.foreground_fraction) and bool(self._with_fg)
         if on_fg:
             case = self.cases[self._with_fg[int(rng.integers(len(self._with_fg)))]]
             classes = [c for c, v in sorted(case.foreground.items()) if len(v)]

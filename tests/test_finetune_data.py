@@ -208,6 +208,27 @@ def test_foreground_share_over_many_batches(tmp_path):
     assert sum(forced) == 40
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1 / 3, 0.5, 2 / 3, 0.9, 1.0])
+def test_foreground_fraction_forces_an_even_share(fraction):
+    forced = [foreground_item(k, fraction) for k in range(600)]
+    # Every prefix holds its share, rounded down: the forced items are spread evenly.
+    for n in range(1, 601):
+        assert sum(forced[:n]) == int(n * fraction + 1e-9)
+
+
+def test_sampler_foreground_fraction_all_or_none(tmp_path):
+    _, _, cases = _prepared(tmp_path, n_cases=2, size=(40, 40, 24))
+    every = SegmentationPatches(cases, (8, 8, 8), 4, 2, steps=5, seed=0, foreground_fraction=1)
+    assert all(every[i][1][j, 1].any() for i in range(5) for j in range(4))
+    # None forced: the same draws as a sampler asked for none by a loop over `sample`.
+    none = SegmentationPatches(cases, (8, 8, 8), 4, 2, steps=5, seed=0, foreground_fraction=0)
+    rng = np.random.default_rng([0, 0, 3])
+    for j in range(4):
+        assert not none.sample(rng, 4 * 3 + j)[2]
+    with pytest.raises(FinetuneInputError, match=r"foreground_fraction in \[0, 1\]"):
+        SegmentationPatches(cases, (8, 8, 8), 4, 2, steps=5, seed=0, foreground_fraction=1.5)
+
+
 def test_crop_padded_against_a_loop():
     a = np.arange(5 * 4 * 3, dtype=np.float32).reshape(5, 4, 3)
     out = crop_padded(a, (-2, 1, 1), (4, 4, 4), fill=-1)

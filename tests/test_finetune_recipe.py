@@ -61,6 +61,14 @@ def test_default_recipe_resolves_what_is_left_out():
         "channels_last",
     )
     assert s.patch is None and s.batch_size is None  # planned from the data
+    # nnU-Net's third of the patches centred on foreground, in both recipes.
+    assert s.foreground_fraction == 1 / 3
+    assert (
+        resolve_recipe(
+            FinetuneSettings(data="d", output="o", recipe="original")
+        ).foreground_fraction
+        == 1 / 3
+    )
     assert set(RECIPES) == {"default", "original"}
 
 

@@ -259,6 +259,7 @@ def test_settings_defaults_are_the_command_line_s(tmp_path):
         (dict(batch_size=0), "--batch_size of at least 1"),
         (dict(lr=0.0), "--lr > 0"),
         (dict(bn_momentum=1.0), r"--bn_momentum in \[0, 1\)"),
+        (dict(foreground_fraction=-0.1), r"--foreground_fraction in \[0, 1\]"),
         (dict(loss="focal"), "--loss in"),
         (dict(optimizer="lbfgs"), "--optimizer in"),
         (dict(data_format="NDHWC"), "--data_format channels_first or channels_last"),

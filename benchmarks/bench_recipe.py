@@ -19,12 +19,15 @@ CPU budget of docs/finetuning.md's sts_ct example). Arms:
 * further arms with `--arm NAME='FLAGS'`.
 
 Each (arm, fold) keeps its outputs in --out and is skipped on a rerun when done with the same
-settings. Prints a table; writes recipe.json and recipe.png.
+settings. Prints a table of each arm's Dice and one of paired differences against --reference
+(the same held-out cases; a 95 % bootstrap interval over cases); writes recipe.json and
+recipe.png.
 
 Example:
     .venv/bin/python benchmarks/bench_recipe.py                        # 3 folds, both arms
     .venv/bin/python benchmarks/bench_recipe.py --tiny                 # smoke test, minutes
     .venv/bin/python benchmarks/bench_recipe.py --arm sgd='--optimizer sgd --lr 0.01'
+    .venv/bin/python benchmarks/bench_recipe.py --arms default --arm no_augment='--augment none'
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "keras"))
-from common import case_folder, save_figure, write_json  # noqa: E402
+from common import bootstrap_interval, case_folder, save_figure, write_json  # noqa: E402
 
 import centred_prior  # noqa: E402
 
@@ -211,6 +214,78 @@ def summary_rows(results: list[dict], priors: dict[str, dict[str, float]]) -> li
     return rows
 
 
+def paired_rows(
+    results: list[dict],
+    priors: dict[str, dict[str, float]],
+    reference: str = "default",
+    variant: str = "tta_off/raw",
+    n_boot: int = 10000,
+    seed: int = 0,
+) -> list[dict]:
+    """Every other arm, the reference's largest-piece variant and each ellipsoid minus the
+    reference arm, case by case on the held-out cases both scored: the mean difference, its 95 %
+    bootstrap interval over cases, and on how many cases the first scored higher.
+
+    Args:
+        results: `one_run` results (arm, dice: {variant: {case: Dice}}).
+        priors: {ellipsoid: {case: Dice}}.
+        reference: the arm every row is compared with.
+        variant: the prediction compared ("tta_off/raw": not mirrored, every piece kept).
+        n_boot: bootstrap draws.
+        seed: the bootstrap generator's seed.
+
+    Returns:
+        One row per comparison; none when the reference did not run.
+    """
+
+    def per_case(arm: str, v: str) -> dict[str, float]:
+        return {c: d for r in results if r["arm"] == arm for c, d in r["dice"].get(v, {}).items()}
+
+    ref = per_case(reference, variant)
+    if not ref:
+        return []
+    others = {
+        f"{arm} ({variant})": per_case(arm, variant)
+        for arm in dict.fromkeys(r["arm"] for r in results)
+        if arm != reference
+    }
+    largest = variant.replace("/raw", "/largest")
+    if largest != variant:
+        others[f"{reference} ({largest})"] = per_case(reference, largest)
+    others.update({f"centred ellipsoid, {name}": values for name, values in priors.items()})
+    rows = []
+    for name, values in others.items():
+        cases = sorted(set(values) & set(ref))
+        if not cases:
+            continue
+        diffs = np.array([values[c] - ref[c] for c in cases])
+        low, high = bootstrap_interval(diffs[None, :], n_boot, np.random.default_rng(seed))
+        rows.append(
+            {
+                "name": f"{name} - {reference} ({variant})",
+                "cases": len(cases),
+                "mean_difference": float(diffs.mean()),
+                "ci_low": low,
+                "ci_high": high,
+                "higher": int((diffs > 0).sum()),
+            }
+        )
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = [
+        "| comparison | cases | mean difference | 95 % interval (cases) | higher on |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['cases']} | {r['mean_difference']:+.3f} | "
+            f"{r['ci_low']:+.3f} .. {r['ci_high']:+.3f} | {r['higher']} of {r['cases']} |"
+        )
+    return "\n".join(lines)
+
+
 def _row(name: str, pooled: list[float], fold_means: list[float] | None) -> dict:
     return {
         "name": name,
@@ -285,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME='FLAGS'",
         help="another arm: its train flags",
     )
+    parser.add_argument(
+        "--reference",
+        default="default",
+        help="the arm the paired differences are taken against (default: default)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a smoke test: 2 folds of 3 cases")
     parser.add_argument(
         "--mirrored",
@@ -336,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     rows = summary_rows(results, priors)
     print(table(rows))
+    paired = paired_rows(results, priors, args.reference)
+    print(paired_table(paired))
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -348,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "command": " ".join(sys.argv),
             "rows": rows,
+            "paired": paired,
             "priors": priors,
             "runs": results,
         },

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # The project's modules live in keras/ and are imported by bare name.
 KERAS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras")
 if KERAS_DIR not in sys.path:
@@ -24,6 +26,7 @@ __all__ = [
     "KERAS_DIR",
     "STS_CT",
     "atomic_path",
+    "bootstrap_interval",
     "case_folder",
     "save_figure",
     "write_json",
@@ -99,3 +102,29 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
+
+
+def bootstrap_interval(
+    diffs: np.ndarray, n: int, rng: np.random.Generator, level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of a (seeds, cases) table of paired
+    differences, resampling seeds and cases (each with replacement) in every draw.
+
+    Args:
+        diffs: differences, one row per seed and one column per test case.
+        n: number of draws.
+        rng: the generator every draw comes from.
+        level: the interval's coverage.
+
+    Returns:
+        (low, high).
+    """
+    n_seeds, n_cases = diffs.shape
+    means = np.empty(n)
+    for i in range(n):
+        rows = rng.integers(0, n_seeds, n_seeds)
+        cols = rng.integers(0, n_cases, n_cases)
+        means[i] = diffs[np.ix_(rows, cols)].mean()
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from common import save_figure
+from common import bootstrap_interval, save_figure
 
 # Arm -> (initialisation, fine-tuning recipe, further flags). The order is the tables' and the
 # plot's. The default recipe maps CT intensities differently with and without pre-trained
@@ -53,32 +53,6 @@ def summarise(runs: list[dict]) -> list[dict]:
             }
         )
     return rows
-
-
-def bootstrap_interval(
-    diffs: np.ndarray, n: int, rng: np.random.Generator, level: float = 0.95
-) -> tuple[float, float]:
-    """A percentile bootstrap interval of the mean of a (seeds, cases) table of paired
-    differences, resampling seeds and cases (each with replacement) in every draw.
-
-    Args:
-        diffs: differences, one row per seed and one column per test case.
-        n: number of draws.
-        rng: the generator every draw comes from.
-        level: the interval's coverage.
-
-    Returns:
-        (low, high).
-    """
-    n_seeds, n_cases = diffs.shape
-    means = np.empty(n)
-    for i in range(n):
-        rows = rng.integers(0, n_seeds, n_seeds)
-        cols = rng.integers(0, n_cases, n_cases)
-        means[i] = diffs[np.ix_(rows, cols)].mean()
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(low), float(high)
 
 
 def paired(runs: list[dict], a: str, b: str, n_boot: int, seed: int = 0) -> list[dict]:

@@ -259,7 +259,7 @@ def test_paired_differences_match_only_the_same_budget_seed_and_case(bench):
 
 def test_bootstrap_interval_against_a_slow_reference(bench):
     import numpy as np
-    from transfer_report import bootstrap_interval  # on the path once bench_transfer is loaded
+    from common import bootstrap_interval  # on the path once bench_transfer is loaded
 
     diffs = np.array([[0.1, 0.3, -0.2], [0.0, 0.4, 0.2]])
     low, high = bootstrap_interval(diffs, 2000, np.random.default_rng(5))

@@ -1,0 +1,73 @@
+"""The recipe benchmark's folds and paired comparisons, on made-up scores."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_recipe")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _result(arm: str, fold: int, raw: dict, largest: dict | None = None) -> dict:
+    dice = {"tta_off/raw": raw}
+    if largest is not None:
+        dice["tta_off/largest"] = largest
+    return {"arm": arm, "fold": fold, "dice": dice}
+
+
+def test_folds_cover_every_case_once(bench):
+    cases = [f"c{i:02d}" for i in range(11)]
+    folds = bench.folds_of(cases, 3, seed=4)
+    assert sorted(c for f in folds for c in f) == cases
+    assert sorted(len(f) for f in folds) == [3, 4, 4]
+    assert folds == bench.folds_of(cases, 3, seed=4)
+
+
+def test_paired_rows_by_hand(bench):
+    results = [
+        _result("default", 0, {"a": 0.5, "b": 0.6}, {"a": 0.55, "b": 0.6}),
+        _result("default", 1, {"c": 0.2}, {"c": 0.1}),
+        _result("other", 0, {"a": 0.7, "b": 0.5}),
+        _result("other", 1, {"c": 0.5}),
+        # An arm that ran only one fold is compared on that fold's cases alone.
+        _result("half", 1, {"c": 0.3}),
+    ]
+    priors = {"fixed": {"a": 0.4, "b": 0.4, "c": 0.4}}
+    rows = {r["name"]: r for r in bench.paired_rows(results, priors, n_boot=500)}
+    other = rows["other (tta_off/raw) - default (tta_off/raw)"]
+    # (0.2 - 0.1 + 0.3) / 3, higher on a and c.
+    assert other["cases"] == 3 and other["higher"] == 2
+    assert other["mean_difference"] == pytest.approx(0.4 / 3)
+    assert other["ci_low"] <= other["mean_difference"] <= other["ci_high"]
+    # Every bootstrap mean lies between the smallest and largest difference.
+    assert other["ci_low"] >= -0.1 - 1e-12 and other["ci_high"] <= 0.3 + 1e-12
+    half = rows["half (tta_off/raw) - default (tta_off/raw)"]
+    assert (half["cases"], half["higher"]) == (1, 1)
+    assert half["mean_difference"] == pytest.approx(0.1) == half["ci_low"] == half["ci_high"]
+    largest = rows["default (tta_off/largest) - default (tta_off/raw)"]
+    assert largest["mean_difference"] == pytest.approx((0.05 + 0.0 - 0.1) / 3)
+    assert largest["higher"] == 1  # b ties: not higher
+    fixed = rows["centred ellipsoid, fixed - default (tta_off/raw)"]
+    assert fixed["mean_difference"] == pytest.approx(np.mean([-0.1, -0.2, 0.2]))
+    # Another reference; one that did not run gives no rows.
+    assert bench.paired_rows(results, priors, reference="missing") == []
+    flipped = bench.paired_rows(results, priors, reference="other", n_boot=100)
+    first = flipped[0]
+    assert first["name"].startswith("default (tta_off/raw) - other")
+    assert first["mean_difference"] == pytest.approx(-0.4 / 3)
+    assert "| other (tta_off/raw) - default (tta_off/raw) | 3 | +0.133 |" in bench.paired_table(
+        list(rows.values())
+    )

@@ -174,9 +174,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3)")
     t.add_argument(
         "--optimizer",
-        choices=("adam", "sgd", "rmsprop", "adamw"),
+        choices=("adam", "sgd", "sgd_nesterov", "rmsprop", "adamw"),
         default=None,
-        help="default: adam",
+        help="sgd: momentum 0.9; sgd_nesterov: nnU-Net's, Nesterov momentum 0.99, with --lr 0.01 "
+        "(default: adam)",
     )
     t.add_argument(
         "--schedule",

@@ -74,7 +74,7 @@ FILES = {
     "plan": "plan.json",
     "cache": "preprocessed",
 }
-OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw")
+OPTIMIZERS = ("adam", "sgd", "sgd_nesterov", "rmsprop", "adamw")
 # Settings a resumed run must share with the run it continues.
 _RESUME_KEYS = (
     "task",

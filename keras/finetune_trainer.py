@@ -81,7 +81,8 @@ __all__ = [
 
 
 def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
-    """The optimizer `name` at learning rate `lr` (SGD with the pre-training's momentum 0.9).
+    """The optimizer `name` at learning rate `lr`: "sgd" has the pre-training's momentum 0.9;
+    "sgd_nesterov" is nnU-Net's (Nesterov momentum 0.99, used with lr 1e-2 and a poly decay).
 
     Args:
         name: one of `OPTIMIZERS`.
@@ -95,6 +96,8 @@ def make_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
         return keras.optimizers.Adam(learning_rate=lr)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+    if name == "sgd_nesterov":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.99, nesterov=True)
     if name == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=lr)
     if name == "adamw":

@@ -200,6 +200,19 @@ def test_compile_uses_the_chosen_segmentation_loss():
         compile_model(model, "segmentation", "adam", 1e-3, "focal")
 
 
+def test_optimizers_by_name():
+    from finetune_trainer import make_optimizer
+
+    nesterov = make_optimizer("sgd_nesterov", 0.01)
+    assert isinstance(nesterov, keras.optimizers.SGD) and nesterov.nesterov
+    assert (nesterov.momentum, float(nesterov.learning_rate)) == (0.99, pytest.approx(0.01))
+    plain = make_optimizer("SGD", 0.1)
+    assert not plain.nesterov and plain.momentum == 0.9
+    assert isinstance(make_optimizer("adamw", 1e-3), keras.optimizers.AdamW)
+    with pytest.raises(FinetuneInputError, match="--optimizer in"):
+        make_optimizer("lbfgs", 0.1)
+
+
 def test_bn_momentum_is_set_on_every_batch_norm_layer():
     from finetune_trainer import set_bn_momentum
 

@@ -16,6 +16,9 @@ CPU budget of docs/finetuning.md's sts_ct example). Arms:
 * default: the project's default recipe (plan, augmentation, loss, schedule);
 * original: `--recipe original` (the original's settings; channels-last only for speed, the
   same arithmetic);
+* the components (`--arms all`): the default recipe with one part changed, each named after the
+  change (`COMPONENTS`: no augmentation, the original's batch-norm momentum, schedule or loss,
+  nnU-Net's optimizer, more patches on foreground, mixed bfloat16);
 * further arms with `--arm NAME='FLAGS'`.
 
 Each (arm, fold) keeps its outputs in --out and is skipped on a rerun when done with the same
@@ -25,6 +28,7 @@ recipe.png.
 
 Example:
     .venv/bin/python benchmarks/bench_recipe.py                        # 3 folds, both arms
+    .venv/bin/python benchmarks/bench_recipe.py --arms all             # and every component
     .venv/bin/python benchmarks/bench_recipe.py --tiny                 # smoke test, minutes
     .venv/bin/python benchmarks/bench_recipe.py --arm sgd='--optimizer sgd --lr 0.01'
     .venv/bin/python benchmarks/bench_recipe.py --arms default --arm no_augment='--augment none'
@@ -70,6 +74,16 @@ TINY_BUDGET = [
 ARMS = {
     "default": [],
     "original": ["--recipe", "original", "--data_format", "channels_last"],
+}
+# The default recipe with one part changed: what each part is worth.
+COMPONENTS = {
+    "no_augment": ["--augment", "none"],
+    "bn_0.99": ["--bn_momentum", "0.99"],
+    "plateau": ["--schedule", "plateau"],
+    "dice_coef_loss": ["--loss", "dice_coef_loss"],
+    "sgd_nesterov": ["--optimizer", "sgd_nesterov", "--lr", "0.01"],
+    "foreground_0.67": ["--foreground_fraction", "0.67"],
+    "bfloat16": ["--mixed_precision"],
 }
 
 
@@ -309,13 +323,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], results: list[dict], priors: dict, path: Path) -> None:
+def plot(
+    rows: list[dict], results: list[dict], priors: dict, paired: list[dict], path: Path
+) -> None:
+    """Left: each held-out case's Dice per arm (bar: the mean). Right: each comparison's paired
+    difference with its 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    height = 0.4 * max(len(rows), len(paired)) + 1.4
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, height), width_ratios=(1, 1))
     for i, r in enumerate(rows):
         if r["name"].startswith("centred ellipsoid"):
             values = list(priors[r["name"].split(", ")[1]].values())
@@ -327,10 +346,21 @@ def plot(rows: list[dict], results: list[dict], priors: dict, path: Path) -> Non
         )
         ax.plot([r["mean"]] * 2, [i - 0.3, i + 0.3], color="black")
     ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
-    ax.set_xlabel("tumour Dice per held-out case (bar: mean)")
+    ax.set_xlabel("Dice per held-out case (bar: mean)")
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
+    for i, r in enumerate(paired):
+        low, high, mean = r["ci_low"], r["ci_high"], r["mean_difference"]
+        colour = "tab:green" if low > 0 else "tab:red" if high < 0 else "tab:grey"
+        bx.plot([low, high], [i, i], color=colour, linewidth=3)
+        bx.plot([mean], [i], "o", color="black", markersize=4)
+    bx.axvline(0, color="black", linewidth=0.8)
+    bx.set_yticks(range(len(paired)), [f"{r['name']} ({r['cases']})" for r in paired])
+    bx.set_xlabel("paired difference (bar: 95 % interval)")
+    bx.yaxis.tick_right()
+    bx.invert_yaxis()
+    bx.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -352,7 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="default: all")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(ARMS),
+        choices=[*ARMS, *COMPONENTS, "all"],
+        help="all: both recipes and every component (default: default original)",
+    )
     parser.add_argument(
         "--arm",
         action="append",
@@ -376,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not STS.is_dir():
         raise SystemExit(f"Expected the sts_ct data set at {STS} (see ../shared/data/README.md).")
-    arms = {name: ARMS[name] for name in args.arms}
+    known = {**ARMS, **COMPONENTS}
+    names = list(known) if "all" in args.arms else args.arms
+    arms = {name: known[name] for name in names}
     for item in args.arm:
         name, _, flags = item.partition("=")
         arms[name] = shlex.split(flags)
@@ -435,7 +473,13 @@ def main(argv: list[str] | None = None) -> int:
             "runs": results,
         },
     )
-    plot(rows, results, priors, args.out / "recipe.png")
+    # The figure leaves out the largest-piece variants but the reference's.
+    shown = [
+        r
+        for r in rows
+        if "/largest" not in r["name"] or r["name"].startswith(f"{args.reference} (")
+    ]
+    plot(shown, results, priors, paired, args.out / "recipe.png")
     log(f"wrote {args.out / 'recipe.json'} and recipe.png")
     return 0
 

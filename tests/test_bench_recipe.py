@@ -71,3 +71,19 @@ def test_paired_rows_by_hand(bench):
     assert "| other (tta_off/raw) - default (tta_off/raw) | 3 | +0.133 |" in bench.paired_table(
         list(rows.values())
     )
+
+
+def test_summary_and_figure(bench, tmp_path):
+    results = [
+        _result("default", 0, {"a": 0.5, "b": 0.7}, {"a": 0.5, "b": 0.7}),
+        _result("other", 0, {"a": 0.6, "b": 0.6}, {"a": 0.6, "b": 0.6}),
+    ]
+    priors = {"fixed": {"a": 0.4, "b": 0.2}}
+    rows = bench.summary_rows(results, priors)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["default (tta_off/raw)"]["mean"] == pytest.approx(0.6)
+    assert by_name["default (tta_off/raw)"]["case_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert by_name["centred ellipsoid, fixed"]["mean"] == pytest.approx(0.3)
+    path = tmp_path / "recipe.png"
+    bench.plot(rows, results, priors, bench.paired_rows(results, priors, n_boot=50), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

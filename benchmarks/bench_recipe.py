@@ -128,6 +128,37 @@ def score_folder(pred_dir: Path, cases: list[str]) -> dict[str, dict[str, float]
     return out
 
 
+def _digest(flags: list, budget: list, train: list, test: list, seed: int, mirrored: bool) -> str:
+    return hashlib.sha256(
+        json.dumps([flags, budget, train, test, seed, mirrored]).encode()
+    ).hexdigest()
+
+
+def _predict(folder: Path, cases: list, tta: str, py: str) -> tuple[dict, float]:
+    """Segment the fold's test cases with the arm's model; (scores by variant, seconds)."""
+    pred = folder / f"pred_tta_{tta}"
+    seconds = run(
+        [
+            py,
+            ROOT / "keras" / "finetune.py",
+            "predict",
+            "--model",
+            folder / "run",
+            "--input",
+            folder / "test" / "imagesTr",
+            "--output",
+            pred,
+            "--tta",
+            tta,
+            "--postprocess",
+            "none",
+        ],
+        folder / f"predict_tta_{tta}.log",
+    )
+    scores = {f"tta_{tta}/{post}": v for post, v in score_folder(pred, cases).items()}
+    return scores, round(seconds, 1)
+
+
 def one_run(
     out: Path,
     arm: str,
@@ -140,24 +171,35 @@ def one_run(
     py: str,
     mirrored: bool = False,
 ) -> dict:
-    """Train one arm on one fold's training cases, predict and score its test cases."""
+    """Train one arm on one fold's training cases, predict and score its test cases.
+
+    A kept run is reused when it had the same settings; asked for mirroring as well, a kept run
+    without it is only predicted again, not trained again.
+    """
     folder = out / arm / f"fold{fold}"
-    digest = hashlib.sha256(
-        json.dumps([flags, budget, train, test, seed, mirrored]).encode()
-    ).hexdigest()
+    digest = _digest(flags, budget, train, test, seed, mirrored)
     result_path = folder / "result.json"
-    if result_path.exists() and json.loads(result_path.read_text()).get("digest") == digest:
+    kept = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if kept.get("digest") == digest:
         log(f"{arm} fold {fold}: kept")
-        return json.loads(result_path.read_text())
+        return kept
+    unmirrored = _digest(flags, budget, train, test, seed, False)
+    if mirrored and kept.get("digest") == unmirrored and (folder / "run").is_dir():
+        log(f"{arm} fold {fold}: kept, predicted again with mirroring")
+        scores, seconds = _predict(folder, test, "on", py)
+        kept["dice"].update(scores)
+        kept["seconds"]["predict_tta_on"] = seconds
+        kept["digest"] = digest
+        write_json(str(result_path), kept)
+        return kept
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     data = case_folder(folder / "data", train)
-    tests = case_folder(folder / "test", test)
-    finetune = ROOT / "keras" / "finetune.py"
+    case_folder(folder / "test", test)
     t_train = run(
         [
             py,
-            finetune,
+            ROOT / "keras" / "finetune.py",
             "train",
             "--data",
             data,
@@ -172,39 +214,17 @@ def one_run(
         ],
         folder / "train.log",
     )
-    scores, seconds = {}, {"train": round(t_train, 1)}
+    dice, seconds = {}, {"train": round(t_train, 1)}
     for tta in ("off", "on") if mirrored else ("off",):
-        pred = folder / f"pred_tta_{tta}"
-        seconds[f"predict_tta_{tta}"] = round(
-            run(
-                [
-                    py,
-                    finetune,
-                    "predict",
-                    "--model",
-                    folder / "run",
-                    "--input",
-                    tests / "imagesTr",
-                    "--output",
-                    pred,
-                    "--tta",
-                    tta,
-                    "--postprocess",
-                    "none",
-                ],
-                folder / f"predict_tta_{tta}.log",
-            ),
-            1,
-        )
-        for post, values in score_folder(pred, test).items():
-            scores[f"tta_{tta}/{post}"] = values
+        scores, seconds[f"predict_tta_{tta}"] = _predict(folder, test, tta, py)
+        dice.update(scores)
     result = {
         "arm": arm,
         "fold": fold,
         "flags": flags,
         "train_cases": train,
         "test_cases": test,
-        "dice": scores,
+        "dice": dice,
         "seconds": seconds,
         "digest": digest,
     }

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, require_shared
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -87,3 +89,35 @@ def test_summary_and_figure(bench, tmp_path):
     path = tmp_path / "recipe.png"
     bench.plot(rows, results, priors, bench.paired_rows(results, priors, n_boot=50), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kept_runs_are_reused_and_mirroring_only_predicts_again(bench, tmp_path, monkeypatch):
+    sts = require_shared(SHARED_DATA / "sts_ct")
+    calls = []
+
+    def fake_run(cmd: list, log_path: Path) -> float:
+        # Training makes the run folder; predicting writes the true labels (Dice 1).
+        cmd = [str(c) for c in cmd]
+        calls.append(cmd[2])
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if cmd[2] == "predict":
+            for case in test:
+                shutil.copy(sts / "labelsTr" / f"{case}.nii.gz", out / f"{case}.nii.gz")
+        return 1.0
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    train, test = ["STS_001", "STS_002"], ["STS_004"]
+    args = (tmp_path, "default", [], 0, train, test, ["--epochs", "1"], 0, "python")
+    first = bench.one_run(*args)
+    assert calls == ["train", "predict"]
+    assert first["dice"] == {"tta_off/raw": {"STS_004": 1.0}, "tta_off/largest": {"STS_004": 1.0}}
+    assert bench.one_run(*args) == first and calls == ["train", "predict"]
+    mirrored = bench.one_run(*args, mirrored=True)
+    assert calls == ["train", "predict", "predict"]
+    assert mirrored["dice"]["tta_on/raw"] == {"STS_004": 1.0}
+    assert mirrored["dice"]["tta_off/raw"] == first["dice"]["tta_off/raw"]
+    assert bench.one_run(*args, mirrored=True) == mirrored and len(calls) == 3
+    # Other flags: trained again.
+    bench.one_run(tmp_path, "default", ["--lr", "0.1"], *args[3:])
+    assert calls[3:] == ["train", "predict"]

@@ -64,6 +64,16 @@ def test_paired_rows_by_hand(bench):
     assert largest["higher"] == 1  # b ties: not higher
     fixed = rows["centred ellipsoid, fixed - default (tta_off/raw)"]
     assert fixed["mean_difference"] == pytest.approx(np.mean([-0.1, -0.2, 0.2]))
+    # The reference's mirrored prediction is compared with its plain one, after its largest piece.
+    results[0]["dice"]["tta_on/raw"] = {"a": 0.6, "b": 0.6}
+    with_mirrored = bench.paired_rows(results, priors, n_boot=50)
+    names = [r["name"] for r in with_mirrored]
+    at = names.index("default (tta_on/raw) - default (tta_off/raw)")
+    assert names[at - 1] == "default (tta_off/largest) - default (tta_off/raw)"
+    # Cases a and b only: (0.1 + 0.0) / 2.
+    assert with_mirrored[at]["cases"] == 2
+    assert with_mirrored[at]["mean_difference"] == pytest.approx(0.05)
+    del results[0]["dice"]["tta_on/raw"]
     # Another reference; one that did not run gives no rows.
     assert bench.paired_rows(results, priors, reference="missing") == []
     flipped = bench.paired_rows(results, priors, reference="other", n_boot=100)
@@ -118,6 +128,7 @@ def test_kept_runs_are_reused_and_mirroring_only_predicts_again(bench, tmp_path,
     assert mirrored["dice"]["tta_on/raw"] == {"STS_004": 1.0}
     assert mirrored["dice"]["tta_off/raw"] == first["dice"]["tta_off/raw"]
     assert bench.one_run(*args, mirrored=True) == mirrored and len(calls) == 3
+    assert bench.one_run(*args) == mirrored and len(calls) == 3  # holds the unmirrored too
     # Other flags: trained again.
     bench.one_run(tmp_path, "default", ["--lr", "0.1"], *args[3:])
     assert calls[3:] == ["train", "predict"]

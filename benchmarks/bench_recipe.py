@@ -18,7 +18,7 @@ CPU budget of docs/finetuning.md's sts_ct example). Arms:
   same arithmetic);
 * the components (`--arms all`): the default recipe with one part changed, each named after the
   change (`COMPONENTS`: no augmentation, the original's batch-norm momentum, schedule or loss,
-  nnU-Net's optimizer, more patches on foreground, mixed bfloat16);
+  more patches on foreground, mixed bfloat16);
 * further arms with `--arm NAME='FLAGS'`.
 
 Each (arm, fold) keeps its outputs in --out and is skipped on a rerun when done with the same
@@ -30,7 +30,7 @@ Example:
     .venv/bin/python benchmarks/bench_recipe.py                        # 3 folds, both arms
     .venv/bin/python benchmarks/bench_recipe.py --arms all             # and every component
     .venv/bin/python benchmarks/bench_recipe.py --tiny                 # smoke test, minutes
-    .venv/bin/python benchmarks/bench_recipe.py --arm sgd='--optimizer sgd --lr 0.01'
+    .venv/bin/python benchmarks/bench_recipe.py --arm sgd='--optimizer sgd_nesterov --lr 0.01'
     .venv/bin/python benchmarks/bench_recipe.py --arms default --arm no_augment='--augment none'
 """
 
@@ -81,7 +81,6 @@ COMPONENTS = {
     "bn_0.99": ["--bn_momentum", "0.99"],
     "plateau": ["--schedule", "plateau"],
     "dice_coef_loss": ["--loss", "dice_coef_loss"],
-    "sgd_nesterov": ["--optimizer", "sgd_nesterov", "--lr", "0.01"],
     "foreground_0.67": ["--foreground_fraction", "0.67"],
     "bfloat16": ["--mixed_precision"],
 }

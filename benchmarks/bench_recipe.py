@@ -176,16 +176,15 @@ def one_run(
     without it is only predicted again, not trained again.
     """
     folder = out / arm / f"fold{fold}"
-    digest = _digest(flags, budget, train, test, seed, mirrored)
+    plain, with_mirror = (_digest(flags, budget, train, test, seed, m) for m in (False, True))
+    digest = with_mirror if mirrored else plain
     result_path = folder / "result.json"
     kept = json.loads(result_path.read_text()) if result_path.exists() else {}
     # A run kept with mirroring serves one asked without it too (it holds both predictions).
-    also = () if mirrored else (_digest(flags, budget, train, test, seed, True),)
-    if kept.get("digest") in (digest, *also):
+    if kept.get("digest") in (digest, with_mirror):
         log(f"{arm} fold {fold}: kept")
         return kept
-    unmirrored = _digest(flags, budget, train, test, seed, False)
-    if mirrored and kept.get("digest") == unmirrored and (folder / "run").is_dir():
+    if mirrored and kept.get("digest") == plain and (folder / "run").is_dir():
         log(f"{arm} fold {fold}: kept, predicted again with mirroring")
         scores, seconds = _predict(folder, test, "on", py)
         kept["dice"].update(scores)

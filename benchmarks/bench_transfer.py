@@ -13,8 +13,9 @@
    `genesis_original` (the step-2 weights, `--recipe original`: the paper's setting) at the
    budgets in `extra_arm_budgets`. Optional (`--arms ...`): `scratch_ct_window`, scratch on
    the pre-trained weights' intensity window, so that the weights' effect is seen apart from the
-   window the default recipe gives pre-trained runs, and `genesis_ct_foreground`, the weights
-   fine-tuned on the z-scored intensities scratch gets.
+   window the default recipe gives pre-trained runs, `genesis_ct_foreground`, the weights
+   fine-tuned on the z-scored intensities scratch gets, and `genesis_pretrain_spacing`, the same
+   at the spacing the weights were pre-trained at rather than the plan's for the labelled cases.
 4. Score: `finetune.py predict` and `evaluate` on the held-out test cases (Dice per case); the
    same cases are scored by two centred ellipsoids sized from each budget's training masks,
    which look at no voxel (benchmarks/centred_prior.py).
@@ -69,6 +70,7 @@ from transfer_report import (  # noqa: E402
     ARMS,
     DEFAULT_ARMS,
     INITS,
+    PRETRAIN_SPACING,
     paired,
     paired_table,
     plot,
@@ -483,6 +485,20 @@ def per_case_dice(report_path: Path) -> dict[str, float]:
     return {case: statistics.fmean(values) for case, values in per_case.items()}
 
 
+def arm_flags(arm: str, pretrain_spacing: list[float] | None) -> list:
+    """The arm's further `finetune.py train` flags, the pre-training spacing (x, y, z mm) in
+    place of PRETRAIN_SPACING."""
+    flags: list = []
+    for flag in ARMS[arm][2]:
+        if flag != PRETRAIN_SPACING:
+            flags.append(flag)
+        elif pretrain_spacing is None:
+            raise ValueError(f"arm {arm} needs the pre-training spacing; none was given")
+        else:
+            flags.extend(pretrain_spacing)
+    return flags
+
+
 def finetune_one(
     s: Settings,
     out: Path,
@@ -495,10 +511,13 @@ def finetune_one(
     width: int,
     train_cases: list[str],
     test_dir: Path,
+    pretrain_spacing: list[float] | None = None,
 ) -> dict:
     """Train, predict and evaluate one (arm, budget, seed) run; kept when done with the same
-    settings and, for the Genesis arms, the same weights (`weights_id`)."""
-    init, recipe, flags = ARMS[arm]
+    settings and, for the Genesis arms, the same weights (`weights_id`). `pretrain_spacing`
+    (x, y, z mm) stands in for PRETRAIN_SPACING in an arm's flags."""
+    init, recipe, _ = ARMS[arm]
+    flags = arm_flags(arm, pretrain_spacing)
     name = f"{arm}_n{budget:02d}_seed{seed}"
     folder = out / "finetune" / name
     digest = s.digest(
@@ -691,8 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_ARMS),
         help="arms to run (default: %(default)s); scratch_ct_window trains from scratch on the "
         "pre-trained weights' intensity window, genesis_ct_foreground fine-tunes the weights on "
-        "scratch's z-scored intensities; arms other than genesis and scratch run at "
-        "extra_arm_budgets only",
+        "scratch's z-scored intensities, genesis_pretrain_spacing does so at the spacing the "
+        "weights were pre-trained at (not with --pretrained, whose spacing is not known); arms "
+        "other than genesis and scratch run at extra_arm_budgets only",
     )
     p.add_argument(
         "--set",
@@ -717,6 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    needs_spacing = [a for a in args.arms if PRETRAIN_SPACING in ARMS[a][2]]
+    if args.pretrained and needs_spacing:
+        print(
+            f"error: expected arms that do not need the pre-training spacing with --pretrained "
+            f"(the file's is not known). Received: --arms {' '.join(needs_spacing)}",
+            file=sys.stderr,
+        )
+        return 2
     if not (SHARED / "sts_ct" / "dataset.json").exists() or not all(
         (SHARED / n).exists() for n in CHEST_CTS
     ):
@@ -795,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
                     width,
                     train,
                     test_dir,
+                    spacing,
                 )
                 log(f"{r['name']}: mean Dice {r['mean_dice']:.3f} (train {r['train_s']} s)")
                 runs.append(r)
@@ -806,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             ("genesis", "scratch"),
             ("genesis", "scratch_ct_window"),
             ("genesis_ct_foreground", "scratch"),
+            ("genesis_pretrain_spacing", "genesis_ct_foreground"),
             ("genesis", "genesis_original"),
         )
         for row in paired(runs, a, b, s.bootstrap)

@@ -13,13 +13,21 @@ from common import bootstrap_interval, save_figure
 # plot's. The default recipe maps CT intensities differently with and without pre-trained
 # weights (the weights' window, or the foreground's z-score); scratch_ct_window trains from
 # scratch on the weights' window, so that genesis - scratch_ct_window is the weights alone, and
-# genesis_ct_foreground fine-tunes the weights on the z-scored intensities scratch gets.
+# genesis_ct_foreground fine-tunes the weights on the z-scored intensities scratch gets, and
+# genesis_pretrain_spacing does the same at the spacing the weights were pre-trained at instead
+# of the one the plan chooses for the fine-tuning cases (PRETRAIN_SPACING stands for it).
+PRETRAIN_SPACING = "<pretrain spacing>"
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "genesis": ("genesis", "default", []),
     "scratch": ("scratch", "default", []),
     "genesis_original": ("genesis", "original", []),
     "scratch_ct_window": ("scratch", "default", ["--intensity", "ct"]),
     "genesis_ct_foreground": ("genesis", "default", ["--intensity", "ct_foreground"]),
+    "genesis_pretrain_spacing": (
+        "genesis",
+        "default",
+        ["--intensity", "ct_foreground", "--spacing", PRETRAIN_SPACING],
+    ),
 }
 DEFAULT_ARMS = ("genesis", "scratch", "genesis_original")
 INITS = ("genesis", "scratch")
@@ -147,6 +155,7 @@ COLOURS = {
     "genesis_original": "tab:orange",
     "scratch_ct_window": "tab:cyan",
     "genesis_ct_foreground": "tab:purple",
+    "genesis_pretrain_spacing": "tab:green",
 }
 
 
@@ -166,7 +175,7 @@ def plot(
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
     budgets = sorted({r["budget"] for r in rows})
-    offsets = {arm: (i - 2) * 0.15 for i, arm in enumerate(ARMS)}
+    offsets = {arm: (i - (len(ARMS) - 1) / 2) * 0.13 for i, arm in enumerate(ARMS)}
     for arm in ARMS:
         cell = [r for r in rows if r["arm"] == arm]
         if not cell:

@@ -335,3 +335,24 @@ def test_case_folder_links_the_named_cases_and_counts_them(bench, tmp_path):
     assert (dst / "imagesTr" / "A_1_0000.nii.gz").is_symlink()
     assert json.loads((dst / "dataset.json").read_text()) == {"numTraining": 2, "labels": {"x": 0}}
     assert not (dst / "stale").exists()
+
+
+def test_pretrain_spacing_arm_takes_the_pre_training_spacing(bench):
+    assert bench.arm_flags("genesis", [1.95, 1.95, 3.27]) == []
+    assert bench.arm_flags("genesis_ct_foreground", None) == ["--intensity", "ct_foreground"]
+    assert bench.arm_flags("genesis_pretrain_spacing", [1.95, 1.95, 3.27]) == [
+        "--intensity",
+        "ct_foreground",
+        "--spacing",
+        1.95,
+        1.95,
+        3.27,
+    ]
+    with pytest.raises(ValueError, match="genesis_pretrain_spacing needs the pre-training"):
+        bench.arm_flags("genesis_pretrain_spacing", None)
+
+
+def test_pretrain_spacing_arm_is_refused_with_given_weights(bench, capsys):
+    code = bench.main(["--pretrained", "weights.h5", "--arms", "genesis_pretrain_spacing"])
+    assert code == 2
+    assert "Received: --arms genesis_pretrain_spacing" in capsys.readouterr().err

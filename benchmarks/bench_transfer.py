@@ -15,7 +15,8 @@
    the pre-trained weights' intensity window, so that the weights' effect is seen apart from the
    window the default recipe gives pre-trained runs, `genesis_ct_foreground`, the weights
    fine-tuned on the z-scored intensities scratch gets, and `genesis_pretrain_spacing`, the same
-   at the spacing the weights were pre-trained at rather than the plan's for the labelled cases.
+   at the spacing the weights were pre-trained at rather than the plan's for the labelled cases,
+   and `scratch_pretrain_spacing`, scratch at that spacing.
 4. Score: `finetune.py predict` and `evaluate` on the held-out test cases (Dice per case); the
    same cases are scored by two centred ellipsoids sized from each budget's training masks,
    which look at no voxel (benchmarks/centred_prior.py).
@@ -711,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="arms to run (default: %(default)s); scratch_ct_window trains from scratch on the "
         "pre-trained weights' intensity window, genesis_ct_foreground fine-tunes the weights on "
         "scratch's z-scored intensities, genesis_pretrain_spacing does so at the spacing the "
-        "weights were pre-trained at (not with --pretrained, whose spacing is not known); arms "
+        "weights were pre-trained at and scratch_pretrain_spacing trains from scratch there (not "
+        "with --pretrained, whose spacing is not known); arms "
         "other than genesis and scratch run at extra_arm_budgets only",
     )
     p.add_argument(
@@ -836,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
             ("genesis", "scratch_ct_window"),
             ("genesis_ct_foreground", "scratch"),
             ("genesis_pretrain_spacing", "genesis_ct_foreground"),
+            ("scratch_pretrain_spacing", "scratch"),
+            ("genesis_pretrain_spacing", "scratch_pretrain_spacing"),
             ("genesis", "genesis_original"),
         )
         for row in paired(runs, a, b, s.bootstrap)

@@ -15,7 +15,9 @@ from common import bootstrap_interval, save_figure
 # scratch on the weights' window, so that genesis - scratch_ct_window is the weights alone, and
 # genesis_ct_foreground fine-tunes the weights on the z-scored intensities scratch gets, and
 # genesis_pretrain_spacing does the same at the spacing the weights were pre-trained at instead
-# of the one the plan chooses for the fine-tuning cases (PRETRAIN_SPACING stands for it).
+# of the one the plan chooses for the fine-tuning cases (PRETRAIN_SPACING stands for it);
+# scratch_pretrain_spacing trains from scratch at that spacing, to tell the spacing's effect on
+# any network from its effect on pre-trained weights.
 PRETRAIN_SPACING = "<pretrain spacing>"
 ARMS: dict[str, tuple[str, str, list[str]]] = {
     "genesis": ("genesis", "default", []),
@@ -28,6 +30,7 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
         "default",
         ["--intensity", "ct_foreground", "--spacing", PRETRAIN_SPACING],
     ),
+    "scratch_pretrain_spacing": ("scratch", "default", ["--spacing", PRETRAIN_SPACING]),
 }
 DEFAULT_ARMS = ("genesis", "scratch", "genesis_original")
 INITS = ("genesis", "scratch")
@@ -156,6 +159,7 @@ COLOURS = {
     "scratch_ct_window": "tab:cyan",
     "genesis_ct_foreground": "tab:purple",
     "genesis_pretrain_spacing": "tab:green",
+    "scratch_pretrain_spacing": "tab:olive",
 }
 
 

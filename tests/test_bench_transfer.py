@@ -348,6 +348,12 @@ def test_pretrain_spacing_arm_takes_the_pre_training_spacing(bench):
         1.95,
         3.27,
     ]
+    assert bench.arm_flags("scratch_pretrain_spacing", [2.0, 2.0, 3.0]) == [
+        "--spacing",
+        2.0,
+        2.0,
+        3.0,
+    ]
     with pytest.raises(ValueError, match="genesis_pretrain_spacing needs the pre-training"):
         bench.arm_flags("genesis_pretrain_spacing", None)
 

@@ -423,6 +423,13 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="the arm the paired differences are taken against (default: default)",
     )
+    parser.add_argument(
+        "--reference_prediction",
+        choices=("tta_off/raw", "tta_on/raw"),
+        default="tta_off/raw",
+        help="which of the reference's predictions: not mirrored (default) or mirrored (the "
+        "reference must be among --mirrored)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a smoke test: 2 folds of 3 cases")
     parser.add_argument(
         "--mirrored",
@@ -432,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         help="arms also predicted with mirroring (8 times the model's time)",
     )
     args = parser.parse_args(argv)
+    if args.reference_prediction == "tta_on/raw" and args.reference not in args.mirrored:
+        parser.error(
+            f"expected the reference among --mirrored with --reference_prediction tta_on/raw. "
+            f"Received: --reference {args.reference}, --mirrored {' '.join(args.mirrored)}"
+        )
     if not STS.is_dir():
         raise SystemExit(f"Expected the sts_ct data set at {STS} (see ../shared/data/README.md).")
     known = {**ARMS, **COMPONENTS}
@@ -476,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     rows = summary_rows(results, priors)
     print(table(rows))
-    paired = paired_rows(results, priors, args.reference)
+    paired = paired_rows(results, priors, args.reference, args.reference_prediction)
     print(paired_table(paired))
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

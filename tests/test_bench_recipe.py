@@ -73,6 +73,12 @@ def test_paired_rows_by_hand(bench):
     # Cases a and b only: (0.1 + 0.0) / 2.
     assert with_mirrored[at]["cases"] == 2
     assert with_mirrored[at]["mean_difference"] == pytest.approx(0.05)
+    # Against the mirrored prediction: the ellipsoid on a and b, (0.4 - 0.6) each.
+    on_mirrored = {
+        r["name"]: r for r in bench.paired_rows(results, priors, variant="tta_on/raw", n_boot=50)
+    }
+    fixed_on = on_mirrored["centred ellipsoid, fixed - default (tta_on/raw)"]
+    assert fixed_on["cases"] == 2 and fixed_on["mean_difference"] == pytest.approx(-0.2)
     del results[0]["dice"]["tta_on/raw"]
     # Another reference; one that did not run gives no rows.
     assert bench.paired_rows(results, priors, reference="missing") == []
@@ -83,6 +89,13 @@ def test_paired_rows_by_hand(bench):
     assert "| other (tta_off/raw) - default (tta_off/raw) | 3 | +0.133 |" in bench.paired_table(
         list(rows.values())
     )
+
+
+def test_a_mirrored_reference_must_be_predicted_mirrored(bench, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--reference_prediction", "tta_on/raw", "--mirrored", "other"])
+    assert exit_info.value.code == 2
+    assert "Received: --reference default, --mirrored other" in capsys.readouterr().err
 
 
 def test_summary_and_figure(bench, tmp_path):

@@ -206,11 +206,12 @@ def one_run(
             "--output",
             folder / "run",
             *budget,
-            *flags,
             "--seed",
             seed,
             "--verbose",
             2,
+            # Last, so that an arm's own flags (even --seed or the budget's) win.
+            *flags,
         ],
         folder / "train.log",
     )

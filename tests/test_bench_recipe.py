@@ -116,12 +116,13 @@ def test_summary_and_figure(bench, tmp_path):
 
 def test_kept_runs_are_reused_and_mirroring_only_predicts_again(bench, tmp_path, monkeypatch):
     sts = require_shared(SHARED_DATA / "sts_ct")
-    calls = []
+    calls, commands = [], []
 
     def fake_run(cmd: list, log_path: Path) -> float:
         # Training makes the run folder; predicting writes the true labels (Dice 1).
         cmd = [str(c) for c in cmd]
         calls.append(cmd[2])
+        commands.append(cmd)
         out = Path(cmd[cmd.index("--output") + 1])
         out.mkdir(parents=True, exist_ok=True)
         if cmd[2] == "predict":
@@ -145,3 +146,9 @@ def test_kept_runs_are_reused_and_mirroring_only_predicts_again(bench, tmp_path,
     # Other flags: trained again.
     bench.one_run(tmp_path, "default", ["--lr", "0.1"], *args[3:])
     assert calls[3:] == ["train", "predict"]
+    # An arm's own flags come last, so they win over the benchmark's (argparse keeps the last).
+    bench.one_run(tmp_path, "seed5", ["--seed", "5"], *args[3:])
+    train_cmd = commands[5]
+    assert train_cmd[2] == "train"
+    last = len(train_cmd) - 1 - train_cmd[::-1].index("--seed")
+    assert train_cmd[last + 1] == "5" and train_cmd.count("--seed") == 2

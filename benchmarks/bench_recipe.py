@@ -241,6 +241,8 @@ def summary_rows(results: list[dict], priors: dict[str, dict[str, float]]) -> li
     for arm in dict.fromkeys(r["arm"] for r in results):
         for v in variants:
             per_fold = [r["dice"][v] for r in results if r["arm"] == arm and v in r["dice"]]
+            if not per_fold:  # a prediction only other arms made (mirroring)
+                continue
             pooled = [d for f in per_fold for d in f.values()]
             means = [statistics.fmean(f.values()) for f in per_fold]
             rows.append(_row(f"{arm} ({v})", pooled, means))

@@ -103,9 +103,13 @@ def test_summary_and_figure(bench, tmp_path):
         _result("default", 0, {"a": 0.5, "b": 0.7}, {"a": 0.5, "b": 0.7}),
         _result("other", 0, {"a": 0.6, "b": 0.6}, {"a": 0.6, "b": 0.6}),
     ]
+    # Only the default arm was also predicted mirrored: the other arm has no such row.
+    results[0]["dice"]["tta_on/raw"] = {"a": 0.7, "b": 0.7}
     priors = {"fixed": {"a": 0.4, "b": 0.2}}
     rows = bench.summary_rows(results, priors)
     by_name = {r["name"]: r for r in rows}
+    assert by_name["default (tta_on/raw)"]["mean"] == pytest.approx(0.7)
+    assert "other (tta_on/raw)" not in by_name
     assert by_name["default (tta_off/raw)"]["mean"] == pytest.approx(0.6)
     assert by_name["default (tta_off/raw)"]["case_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert by_name["centred ellipsoid, fixed"]["mean"] == pytest.approx(0.3)

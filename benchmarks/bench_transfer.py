@@ -72,6 +72,7 @@ from transfer_report import (  # noqa: E402
     DEFAULT_ARMS,
     INITS,
     PRETRAIN_SPACING,
+    needs_pretrain_spacing,
     paired,
     paired_table,
     plot,
@@ -532,7 +533,13 @@ def finetune_one(
         "split_seed",
         # Only named when on, so that the stamps of runs without it stay valid.
         *(("freeze_encoder",) if init == "genesis" and s.freeze_encoder else ()),
-        extra=[width, weights_id if init == "genesis" else None],
+        # The spacing only for the arms that take it, so that the other stamps stay valid
+        # (scratch runs have no weights whose stamp would pin it).
+        extra=[
+            width,
+            weights_id if init == "genesis" else None,
+            *([pretrain_spacing] if needs_pretrain_spacing(arm) else []),
+        ],
     )
     result_path = folder / "result.json"
     if stage_done(folder, digest) and result_path.exists():
@@ -739,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    needs_spacing = [a for a in args.arms if PRETRAIN_SPACING in ARMS[a][2]]
+    needs_spacing = [a for a in args.arms if needs_pretrain_spacing(a)]
     if args.pretrained and needs_spacing:
         print(
             f"error: expected arms that do not need the pre-training spacing with --pretrained "

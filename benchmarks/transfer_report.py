@@ -36,6 +36,11 @@ DEFAULT_ARMS = ("genesis", "scratch", "genesis_original")
 INITS = ("genesis", "scratch")
 
 
+def needs_pretrain_spacing(arm: str) -> bool:
+    """Whether the arm trains at the spacing the weights were pre-trained at."""
+    return PRETRAIN_SPACING in ARMS[arm][2]
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """Mean, standard deviation, minimum and maximum of the mean Dice over seeds, per cell.
 

@@ -338,6 +338,10 @@ def test_case_folder_links_the_named_cases_and_counts_them(bench, tmp_path):
 
 
 def test_pretrain_spacing_arm_takes_the_pre_training_spacing(bench):
+    assert [a for a in bench.ARMS if bench.needs_pretrain_spacing(a)] == [
+        "genesis_pretrain_spacing",
+        "scratch_pretrain_spacing",
+    ]
     assert bench.arm_flags("genesis", [1.95, 1.95, 3.27]) == []
     assert bench.arm_flags("genesis_ct_foreground", None) == ["--intensity", "ct_foreground"]
     assert bench.arm_flags("genesis_pretrain_spacing", [1.95, 1.95, 3.27]) == [
